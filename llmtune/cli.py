@@ -1,0 +1,126 @@
+"""The `llmtune` command. It only parses arguments and calls the stage entry points."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from llmtune.config import load_recipe
+from llmtune.errors import LlmtuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Fine-tune chat models on roleplay data with recipes. Start with: `llmtune run recipes/demo-cpu.yaml`",
+)
+err = Console(stderr=True)
+
+RecipeArg = typer.Argument(..., help="Recipe YAML file (or, for `eval`, a run directory holding recipe.yaml).")
+OverridesArg = typer.Argument(None, help="Overrides as section.key=value, e.g. training.max_steps=20 lora.rank=8.")
+
+
+
+
+def _recipe(path: Path, overrides: list[str] | None):
+    if path.is_dir():
+        path = path / "recipe.yaml"  # a run directory: its fully resolved recipe
+    return load_recipe(path, overrides or [])
+
+
+def _call(fn, *args, **kwargs):
+    """Run a stage; turn user-facing errors into one red line and exit code 2 (no traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except (LlmtuneError, FileNotFoundError) as exc:
+        err.print("[bold red]error[/]: ", end="")
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command(epilog="Example: `llmtune run recipes/demo-cpu.yaml training.max_steps=20`")
+def run(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="Continue training from the last complete checkpoint."),
+) -> None:
+    """Run every stage the recipe enables (prepare, train, eval) into runs/NAME."""
+    from llmtune.run import run_recipe
+
+    _call(lambda: run_recipe(_recipe(recipe, overrides), resume=resume))
+
+
+@app.command(epilog="Example: `llmtune prepare recipes/demo-cpu.yaml data.val_fraction=0.2`")
+def prepare(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg) -> None:
+    """Read, validate, dedup, template and split the recipe's data into runs/NAME/data."""
+    from llmtune.config import save_resolved
+    from llmtune.data.prepare import prepare as prepare_stage
+
+    def go():
+        r = _recipe(recipe, overrides)
+        save_resolved(r, r.run_dir)
+        prepare_stage(r)
+
+    _call(go)
+
+
+@app.command(epilog="Example: `llmtune train recipes/demo-cpu.yaml --resume`")
+def train(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
+) -> None:
+    """Fine-tune (LoRA or QLoRA) on data prepared by `llmtune prepare` (run it first)."""
+    from llmtune.config import save_resolved
+    from llmtune.data.prepare import PreparedData
+    from llmtune.train.sft import train as train_stage
+
+    def go():
+        r = _recipe(recipe, overrides)
+        if not (r.run_dir / "data" / "prepared.json").exists():
+            raise FileNotFoundError(f"no prepared data in {r.run_dir / 'data'}; run `llmtune prepare {recipe}` first")
+        save_resolved(r, r.run_dir)
+        train_stage(r, PreparedData.load(r.run_dir), resume=resume)
+
+    _call(go)
+
+
+@app.command("eval", epilog="Example: `llmtune eval runs/demo-cpu --json`")
+def eval_(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    as_json: bool = typer.Option(False, "--json", help="Print eval.json to stdout."),
+) -> None:
+    """Compare the fine-tune with its base on the held-back split: eval loss and sample replies."""
+    from llmtune.eval.evaluate import evaluate
+
+    result = _call(lambda: evaluate(_recipe(recipe, overrides)))
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+
+
+@app.command(epilog="Example: `llmtune validate recipes/demo-cpu.yaml lora.rank=8`")
+def validate(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg) -> None:
+    """Check a recipe (and overrides) and print it fully resolved, without running anything."""
+    r = _call(lambda: _recipe(recipe, overrides))
+    print(r.to_yaml(), end="")
+
+
+@app.command(epilog="Example: `llmtune models`")
+def models() -> None:
+    """List the embedded base models (no hub needed)."""
+    from llmtune.models import EMBEDDED_MODELS
+
+    for name, desc in EMBEDDED_MODELS.items():
+        print(f"embedded:{name}\t{desc}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

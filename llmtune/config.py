@@ -1,0 +1,321 @@
+"""The recipe schema: one pydantic model per stage section, loaded from YAML with overrides.
+
+A recipe is the single source of truth for a run. Every key here is a recipe key, a
+``section.key=value`` override on the command line, and a row in docs/recipes.md.
+This module imports nothing heavy so that a bad recipe fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from llmtune.errors import RecipeError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("prepare", "train", "eval")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="Base model: an `embedded:` name, a local directory, or a Hugging Face hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights/compute dtype. `auto`: float32 on CPUs (no native bf16), bf16 on GPUs that support it.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template: null uses the tokenizer's own; `chatml` or a path to a Jinja file overrides it.",
+    )
+
+
+class DataSource(Section):
+    path: str = Field(description="A file of conversations, relative to the recipe file or absolute.")
+    format: Literal["auto", "openai", "sharegpt"] = Field("auto", description="Input format; `auto` detects it per row.")
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict, description="Extra role names mapped to system/user/assistant (e.g. `Alice: user`)."
+    )
+    origin: str | None = Field(None, description="Where the data came from (carried into the report).")
+    license: str | None = Field(None, description="The data's licence (carried into the report).")
+
+
+class DataConfig(Section):
+    sources: list[DataSource] = Field(description="Input files; at least one.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of conversations held back for validation, chosen by content hash."
+    )
+    max_seq_length: int = Field(512, gt=8, description="Tokens per training sequence; longer conversations are truncated at a turn boundary.")
+    mask: Literal["assistant", "all", "last"] = Field(
+        "assistant", description="Which turns carry loss: assistant turns, all turns, or the last assistant turn."
+    )
+
+    @field_validator("sources")
+    @classmethod
+    def _at_least_one(cls, v: list[DataSource]) -> list[DataSource]:
+        if not v:
+            raise ValueError("list at least one data source (`- path: data/roleplay/...jsonl`)")
+        return v
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="`all-linear` or a list of module names (q_proj, v_proj, ...)."
+    )
+
+
+class QuantizationConfig(Section):
+    mode: Literal["none", "nf4"] = Field("none", description="`nf4` loads the base in bitsandbytes 4-bit (QLoRA).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the 4-bit matmuls; `auto` follows model.dtype."
+    )
+
+
+class TrainingConfig(Section):
+    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split when max_steps is -1.")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: str = Field("adamw_torch", description="transformers optimizer name (e.g. `paged_adamw_8bit` on GPUs).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    packing: bool = Field(False, description="Pack conversations padding-free (per-sequence position ids).")
+    seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
+    logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
+    eval_steps: int = Field(20, gt=0, description="Evaluate (loss + sample replies) every N steps.")
+    save_steps: int = Field(20, gt=0, description="Write an atomic checkpoint every N steps.")
+    save_total_limit: int = Field(3, gt=0, description="Checkpoints kept on disk (oldest deleted first).")
+    num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; null uses every core.")
+
+
+class EvalConfig(Section):
+    prompts: list[str] = Field(
+        default_factory=lambda: ["Hello! Who are you?"],
+        description="Fixed user prompts for sample replies, generated at each eval and at the end.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System message put before each sample prompt; null uses the first training conversation's."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Token limit of each sample reply.")
+    compare_base: bool = Field(True, description="Also measure the base model's eval loss on the same split.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Parent directory of run directories (relative to the working directory).")
+    name: str | None = Field(None, description="Run directory name; null uses the recipe's name.")
+
+
+class Recipe(Section):
+    name: str = Field(description="Recipe name; also the default run directory name.")
+    description: str | None = Field(None, description="One line on what this recipe is for.")
+    stages: list[Literal["prepare", "train", "eval"]] = Field(
+        default_factory=lambda: list(STAGES), description="Stages `llmtune run` executes, in order."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    # Where the recipe came from; relative data paths resolve against it. Not a recipe key.
+    source_path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> "Recipe":
+        order = [s for s in STAGES if s in self.stages]
+        if order != list(self.stages):
+            raise ValueError(f"stages must keep the order {list(STAGES)}; got {self.stages}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / (self.output.name or self.name)
+
+    def resolve_path(self, path: str) -> Path:
+        """A recipe path: absolute as is; else beside the recipe file if it exists there, else
+        relative to the working directory (recipes under recipes/ name data/... from the repo root)."""
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.source_path is not None:
+            beside = self.source_path.parent / p
+            if beside.exists():
+                return beside.resolve()
+        return p.resolve()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, and errors that point at the line
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, str(i))] = item.start_mark.line + 1
+                walk(item, (*path, str(i)))
+
+    walk(root, ())
+    return lines
+
+
+def _section_model(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at `path` (for suggestions)."""
+    model: Any = Recipe
+    for part in path[:-1]:
+        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or [])]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return [name for name, f in model.model_fields.items() if not f.exclude]
+
+
+def _format_errors(err: ValidationError, where: str, lines: dict[tuple[str, ...], int]) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        line = None
+        for cut in range(len(loc), 0, -1):
+            line = lines.get(tuple(str(p) for p in loc[:cut]))
+            if line:
+                break
+        at = f"{where}:{line}" if line else where
+        if e["type"] == "extra_forbidden":
+            model = _section_model(loc)
+            valid = _valid_keys(model) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean `{close[0]}`?" if close else f"valid keys here: {', '.join(valid)}"
+            out.append(f"{at}: unknown key `{dotted}`; {hint}")
+        elif e["type"] == "missing":
+            model = _section_model(loc)
+            desc = model.model_fields[str(loc[-1])].description if model and str(loc[-1]) in model.model_fields else ""
+            out.append(f"{at}: missing required key `{dotted}`" + (f" ({desc})" if desc else ""))
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            out.append(f"{at}: `{dotted}`: {e['msg']}{got_s}")
+    return "\n".join(out)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.max_steps=20` -> (["training", "max_steps"], 20). Values are parsed as YAML."""
+    if "=" not in text:
+        raise RecipeError(
+            f"override `{text}` is not of the form section.key=value (e.g. training.max_steps=20)"
+        )
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override `{text}`: the key `{key}` is empty or has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override `{text}`: the value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = doc
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"override `{text}`: `{'.'.join(path[: i + 1])}` is not an index of the list")
+                node = node[int(part)]
+                continue
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"override `{text}`: `{'.'.join(path[: i + 1])}` is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"override `{text}`: `{last}` is not an index of the list")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return doc
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError naming file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path} (recipes live under recipes/, e.g. recipes/demo-cpu.yaml)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, ...), not {type(doc).__name__}")
+    doc = apply_overrides(doc, overrides or [])
+    try:
+        recipe = Recipe.model_validate(doc)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, str(path), _key_lines(text))) from None
+    recipe.source_path = path.resolve()
+    return recipe
+
+
+def save_resolved(recipe: Recipe, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "recipe.yaml"
+    header = f"# Fully resolved recipe (defaults and overrides applied) from {recipe.source_path}\n"
+    out.write_text(header + recipe.to_yaml(), encoding="utf-8")
+    return out

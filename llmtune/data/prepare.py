@@ -1,0 +1,302 @@
+"""The prepare stage: read every source, validate, dedup, template, mask, split.
+
+Entry point: `prepare(recipe) -> PreparedData`. Nothing is dropped silently: every row
+read is kept, quarantined (with file, line and reason) or counted as a duplicate, and
+the counts reconcile (read = kept + quarantined + duplicates).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from llmtune.config import Recipe
+from llmtune.data.formats import read_source
+from llmtune.data.template import (
+    IGNORE_INDEX,
+    TokenizedConversation,
+    end_of_turn_token,
+    resolve_chat_template,
+    tokenize_conversation,
+)
+from llmtune.data.types import Conversation, Rejection
+from llmtune.errors import DataError
+from llmtune.models import load_tokenizer, resolve_base
+
+console = Console(stderr=True)
+
+
+@dataclass
+class SourceCounts:
+    path: str
+    origin: str | None
+    license: str | None
+    read: int = 0
+    kept: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    truncated: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedData:
+    """Paths and counts the later stages read. Everything lives under run_dir/data."""
+
+    data_dir: Path
+    train_jsonl: Path
+    val_jsonl: Path
+    train_tokenized: Path
+    val_tokenized: Path
+    quarantine: Path
+    report: Path
+    chat_template: str
+    end_of_turn: str
+    counts: dict
+    sources: list[SourceCounts]
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "PreparedData":
+        meta = json.loads((run_dir / "data" / "prepared.json").read_text())
+        meta["sources"] = [SourceCounts(**s) for s in meta["sources"]]
+        for key in ("data_dir", "train_jsonl", "val_jsonl", "train_tokenized", "val_tokenized", "quarantine", "report"):
+            meta[key] = Path(meta[key])
+        return cls(**meta)
+
+    def save(self) -> None:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+        (self.data_dir / "prepared.json").write_text(json.dumps(d, indent=2, ensure_ascii=False))
+
+
+def split_of(conversation: Conversation, val_fraction: float) -> str:
+    """Validation or train, by content hash: adding data never moves existing rows between splits."""
+    bucket = int(conversation.content_hash[:12], 16) / 16**12
+    return "val" if bucket < val_fraction else "train"
+
+
+def _truncate_at_turn(
+    tokenizer, conv: Conversation, template: str, mask: str, max_len: int
+) -> tuple[Conversation, TokenizedConversation] | None:
+    """Drop trailing turns until the conversation fits and still ends on an assistant turn."""
+    ends = [i for i, m in enumerate(conv.messages) if m.role == "assistant"]
+    for last in reversed(ends[:-1]):
+        shorter = Conversation(conv.messages[: last + 1], conv.source, conv.line, conv.meta)
+        tok = tokenize_conversation(tokenizer, shorter, template, mask)
+        if len(tok.input_ids) <= max_len:
+            return shorter, tok
+    return None
+
+
+def prepare(recipe: Recipe) -> PreparedData:
+    data_dir = recipe.run_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = recipe.data
+
+    tokenizer = load_tokenizer(resolve_base(recipe.model.base, recipe.model.revision), recipe.model.revision)
+    recipe_dir = recipe.source_path.parent if recipe.source_path else None
+    template = resolve_chat_template(tokenizer, recipe.model.chat_template, recipe_dir)
+    eot = end_of_turn_token(tokenizer, template)
+
+    kept: dict[str, list[tuple[Conversation, TokenizedConversation]]] = {"train": [], "val": []}
+    rejections: list[Rejection] = []
+    duplicates: list[dict] = []
+    seen: dict[str, str] = {}
+    per_source: list[SourceCounts] = []
+
+    for src in cfg.sources:
+        path = recipe.resolve_path(src.path)
+        if not path.exists():
+            raise DataError(f"data.sources: file not found: {src.path} (resolved to {path})")
+        counts = SourceCounts(path=src.path, origin=src.origin, license=src.license)
+        per_source.append(counts)
+        reasons: Counter[str] = Counter()
+        for item in read_source(path, src.format, src.role_map):
+            counts.read += 1
+            if isinstance(item, Rejection):
+                rejections.append(item)
+                reasons[item.reason] += 1
+                continue
+            h = item.content_hash
+            if h in seen:
+                counts.duplicates += 1
+                duplicates.append({"source": item.source, "line": item.line, "duplicate_of": seen[h]})
+                continue
+            seen[h] = f"{item.source}:{item.line}"
+            tok = tokenize_conversation(tokenizer, item, template, cfg.mask)
+            if len(tok.input_ids) > cfg.max_seq_length:
+                cut = _truncate_at_turn(tokenizer, item, template, cfg.mask, cfg.max_seq_length)
+                if cut is None:
+                    rejections.append(
+                        Rejection(item.source, item.line, "too_long",
+                                  f"{len(tok.input_ids)} tokens; even the first assistant turn exceeds "
+                                  f"data.max_seq_length={cfg.max_seq_length}", "")
+                    )
+                    reasons["too_long"] += 1
+                    continue
+                item, tok = cut
+                counts.truncated += 1
+            if tok.trained_tokens == 0:
+                rejections.append(
+                    Rejection(item.source, item.line, "no_trainable_tokens",
+                              f"data.mask={cfg.mask} leaves no token with loss in this conversation", "")
+                )
+                reasons["no_trainable_tokens"] += 1
+                continue
+            kept[split_of(item, cfg.val_fraction)].append((item, tok))
+            counts.kept += 1
+        counts.quarantined = sum(reasons.values())
+        counts.reasons = dict(reasons)
+
+    if cfg.val_fraction > 0 and not kept["val"] and len(kept["train"]) >= 2:
+        # Tiny sets can hash every row into train; hold back the row closest to the cut.
+        kept["train"].sort(key=lambda ct: ct[0].content_hash)
+        kept["val"].append(kept["train"].pop(0))
+
+    trained = sum(t.trained_tokens for split in kept.values() for _, t in split)
+    if trained == 0:
+        raise DataError(
+            f"no trainable tokens: with data.mask={cfg.mask} and the chat template of {recipe.model.base} "
+            f"(model.chat_template={recipe.model.chat_template or 'tokenizer default'}), every conversation is fully masked"
+            + (f"; {len(rejections)} rows were quarantined, see {data_dir / 'quarantine.jsonl'}" if rejections else "")
+        )
+
+    prepared = _write(recipe, data_dir, kept, rejections, duplicates, per_source, template, eot, tokenizer)
+    _print_summary(prepared)
+    return prepared
+
+
+def _write(recipe, data_dir, kept, rejections, duplicates, per_source, template, eot, tokenizer) -> PreparedData:
+    from datasets import Dataset
+
+    paths = {}
+    for split, rows in kept.items():
+        jsonl = data_dir / f"{split}.jsonl"
+        with jsonl.open("w", encoding="utf-8") as f:
+            for conv, _ in rows:
+                f.write(json.dumps({**conv.to_openai(), "source": conv.source, "line": conv.line}, ensure_ascii=False) + "\n")
+        tokenized = data_dir / "tokenized" / split
+        Dataset.from_dict(
+            {"input_ids": [t.input_ids for _, t in rows], "labels": [t.labels for _, t in rows]}
+        ).save_to_disk(str(tokenized))
+        paths[split] = (jsonl, tokenized)
+
+    quarantine = data_dir / "quarantine.jsonl"
+    with quarantine.open("w", encoding="utf-8") as f:
+        for r in rejections:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    with (data_dir / "duplicates.jsonl").open("w", encoding="utf-8") as f:
+        for d in duplicates:
+            f.write(json.dumps(d) + "\n")
+
+    lengths = {s: [len(t.input_ids) for _, t in rows] for s, rows in kept.items()}
+    counts = {
+        "read": sum(s.read for s in per_source),
+        "kept": sum(s.kept for s in per_source),
+        "quarantined": sum(s.quarantined for s in per_source),
+        "duplicates": sum(s.duplicates for s in per_source),
+        "truncated": sum(s.truncated for s in per_source),
+        "train": len(kept["train"]),
+        "val": len(kept["val"]),
+        "train_tokens": sum(lengths["train"]),
+        "trained_tokens": sum(t.trained_tokens for _, t in kept["train"]),
+        "max_tokens": max(lengths["train"] + lengths["val"]),
+    }
+    assert counts["read"] == counts["kept"] + counts["quarantined"] + counts["duplicates"], counts
+
+    sample = kept["train"][0][1] if kept["train"] else kept["val"][0][1]
+    report = data_dir / "data_report.md"
+    prepared = PreparedData(
+        data_dir=data_dir,
+        train_jsonl=paths["train"][0],
+        val_jsonl=paths["val"][0],
+        train_tokenized=paths["train"][1],
+        val_tokenized=paths["val"][1],
+        quarantine=quarantine,
+        report=report,
+        chat_template=template,
+        end_of_turn=eot,
+        counts=counts,
+        sources=per_source,
+    )
+    _write_report(prepared, lengths, render_masked(tokenizer, sample))
+    prepared.save()
+    return prepared
+
+
+def render_masked(tokenizer, tok: TokenizedConversation) -> str:
+    """The rendered sample with trained tokens in [[double brackets]]."""
+    out, run, inside = [], [], False
+    for token_id, label in zip(tok.input_ids, tok.labels):
+        trained = label != IGNORE_INDEX
+        if trained != inside and run:
+            text = tokenizer.decode(run)
+            out.append(f"[[{text}]]" if inside else text)
+            run = []
+        inside = trained
+        run.append(token_id)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"[[{text}]]" if inside else text)
+    return "".join(out)
+
+
+def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample: str) -> None:
+    from llmtune.report import plot_histogram
+
+    c = prepared.counts
+    hist = plot_histogram(
+        lengths["train"] + lengths["val"], prepared.data_dir / "token_lengths.png", "Tokens per conversation"
+    )
+    lines = [
+        "# Data report",
+        "",
+        f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}; "
+        f"{c['truncated']} truncated at a turn boundary.",
+        f"Split: {c['train']} train / {c['val']} validation conversations; "
+        f"{c['train_tokens']:,} train tokens, {c['trained_tokens']:,} of them carry loss; longest {c['max_tokens']} tokens.",
+        "",
+        "| source | origin | licence | read | kept | quarantined | duplicates | truncated | reasons |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in prepared.sources:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.reasons.items())) or "-"
+        lic = s.license or "**none declared**"
+        lines.append(
+            f"| {s.path} | {s.origin or '-'} | {lic} | {s.read} | {s.kept} | {s.quarantined} | {s.duplicates} | {s.truncated} | {reasons} |"
+        )
+    lines += [
+        "",
+        f"End-of-turn token (trained, and the stop token when serving): `{prepared.end_of_turn}`",
+        "",
+        f"![token lengths]({hist.name})",
+        "",
+        "## Rendered sample (trained tokens in [[double brackets]])",
+        "",
+        "```",
+        sample,
+        "```",
+        "",
+    ]
+    prepared.report.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _print_summary(p: PreparedData) -> None:
+    c = p.counts
+    console.print(
+        f"[bold]prepare[/]: read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} "
+        f"+ duplicates {c['duplicates']} ({c['truncated']} truncated); "
+        f"train {c['train']} / val {c['val']}; {c['trained_tokens']:,} trained tokens"
+    )
+    if c["quarantined"]:
+        console.print(f"  quarantined rows and reasons: {p.quarantine}")
+    for s in p.sources:
+        if not s.license:
+            console.print(f"  [yellow]warning[/]: source {s.path} declares no licence (data.sources[].license)")
+    console.print(f"  report: {p.report}")

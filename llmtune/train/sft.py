@@ -1,0 +1,257 @@
+"""The train stage: LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer and PEFT.
+
+Entry point: `train(recipe, prepared=None, resume=False) -> TrainResult`. Read it top to
+bottom: pick device and dtype, load the base (4-bit for QLoRA), wrap it with LoRA, build
+the trainer on the pre-tokenized, pre-masked splits from `prepare`, train with atomic
+checkpoints, save the adapter and the loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from llmtune.config import Recipe
+from llmtune.data.prepare import PreparedData
+from llmtune.models import load_base_model, load_tokenizer, placement_for, resolve_base
+
+console = Console(stderr=True)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    metrics: Path
+    loss_curve: Path
+    global_step: int
+    final_eval_loss: float | None
+    train_seconds: float
+
+
+def sample_prompts(recipe: Recipe, prepared: PreparedData) -> list[list[dict]]:
+    """The recipe's fixed prompts as chats, behind the recipe's or the data's system prompt."""
+    system = recipe.eval.system_prompt
+    if system is None:
+        with prepared.train_jsonl.open(encoding="utf-8") as f:
+            first = json.loads(next(f, "{}") or "{}")
+        msgs = first.get("messages", [])
+        system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+    head = [{"role": "system", "content": system}] if system else []
+    return [head + [{"role": "user", "content": p}] for p in recipe.eval.prompts]
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Use every core: accelerate's launcher and some environments pin OMP_NUM_THREADS=1."""
+    import torch
+
+    n = num_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+def _make_trainer_class():
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+    from trl import SFTTrainer
+
+    class AtomicCheckpointSFTTrainer(SFTTrainer):
+        """SFTTrainer whose checkpoints appear complete or not at all.
+
+        The Trainer writes a checkpoint file by file; a kill in between leaves a directory that
+        `get_last_checkpoint` would pick up. Here it is written under `.staging/` and renamed
+        into place once every file (weights, optimizer, RNG, trainer state) is on disk.
+        """
+
+        _staging: str | None = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            final_parent = self.args.output_dir
+            self._staging = os.path.join(final_parent, ".staging")
+            if self.args.should_save:
+                shutil.rmtree(self._staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                staging, self._staging = self._staging, None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                for root, _, files in os.walk(os.path.join(staging, name)):
+                    for fname in files:
+                        with open(os.path.join(root, fname), "rb") as f:
+                            os.fsync(f.fileno())
+                target = os.path.join(final_parent, name)
+                if os.path.exists(target):  # re-saving a step after resume
+                    shutil.rmtree(target)
+                os.rename(os.path.join(staging, name), target)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(output_dir=final_parent, save_total_limit=self.args.save_total_limit, use_mtime=False)
+            self.accelerator.wait_for_everyone()
+
+    return AtomicCheckpointSFTTrainer
+
+
+def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
+    import torch
+    from datasets import load_from_disk
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig
+
+    from llmtune.report import plot_loss_curve, read_metrics
+    from llmtune.train.callbacks import MetricsFile, RichProgress, SampleReplies
+
+    run_dir = recipe.run_dir
+    prepared = prepared or PreparedData.load(run_dir)
+    cfg, tcfg = recipe, recipe.training
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+
+    last_ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if resume and last_ckpt is None:
+        console.print(f"[yellow]--resume[/]: no complete checkpoint in {ckpt_dir}; starting from step 0")
+    if not resume:
+        if last_ckpt is not None:
+            console.print(f"starting fresh: removing earlier checkpoints in {ckpt_dir} (use --resume to continue from them)")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        metrics_path.unlink(missing_ok=True)
+        (run_dir / "samples.jsonl").unlink(missing_ok=True)
+
+    # 1. Device, dtype, threads: fp32 on CPUs (no native bf16), bf16 on GPUs that have it.
+    where = placement_for(recipe)
+    device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
+    threads = configure_threads(tcfg.num_threads)
+    torch.manual_seed(tcfg.seed)
+
+    # 2. Base model (4-bit NF4 for QLoRA) and tokenizer with the template the data was rendered with.
+    tokenizer = load_tokenizer(resolve_base(cfg.model.base, cfg.model.revision), cfg.model.revision)
+    tokenizer.chat_template = prepared.chat_template
+    model = load_base_model(recipe, where)
+    if qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tcfg.gradient_checkpointing)
+
+    # 3. LoRA adapter.
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    console.print(
+        f"[bold]train[/]: {cfg.model.base} on {device} ({threads} threads), {str(dtype).removeprefix('torch.')}"
+        f"{', QLoRA NF4 base, compute ' + str(compute_dtype).removeprefix('torch.') if qlora else ', LoRA'}; "
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
+    )
+
+    # 4. Data: already tokenized and masked by prepare (labels are -100 off the trained turns).
+    train_ds = load_from_disk(str(prepared.train_tokenized))
+    val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts["val"] else None
+    console.print(
+        f"  data: {len(train_ds)} train / {len(val_ds) if val_ds is not None else 0} val conversations, "
+        f"longest {prepared.counts['max_tokens']} tokens, max_seq_length {cfg.data.max_seq_length}"
+        f"{', packed padding-free' if tcfg.packing else ''}"
+    )
+
+    # 5. Trainer.
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=tcfg.max_steps,
+        num_train_epochs=tcfg.epochs,
+        per_device_train_batch_size=tcfg.micro_batch_size,
+        per_device_eval_batch_size=tcfg.micro_batch_size,
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        learning_rate=tcfg.learning_rate,
+        lr_scheduler_type=tcfg.lr_scheduler,
+        warmup_steps=tcfg.warmup_ratio,  # transformers reads values < 1 as a ratio of total steps
+        weight_decay=tcfg.weight_decay,
+        max_grad_norm=tcfg.max_grad_norm,
+        optim=tcfg.optim,
+        gradient_checkpointing=tcfg.gradient_checkpointing,
+        seed=tcfg.seed,
+        data_seed=tcfg.seed,
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        max_length=cfg.data.max_seq_length,
+        packing=tcfg.packing,
+        packing_strategy="bfd",
+        logging_steps=tcfg.logging_steps,
+        eval_strategy="steps" if val_ds is not None else "no",
+        eval_steps=tcfg.eval_steps,
+        save_strategy="steps",
+        save_steps=tcfg.save_steps,
+        save_total_limit=tcfg.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+    trainer_cls = _make_trainer_class()
+    prompts = sample_prompts(recipe, prepared)
+    callbacks = [
+        MetricsFile(metrics_path),
+        SampleReplies(tokenizer, prompts, cfg.eval.max_new_tokens, prepared.end_of_turn, run_dir / "samples.jsonl"),
+        RichProgress(),
+        TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))),
+    ]
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if qlora and compute_dtype == torch.float32:
+        # TRL casts QLoRA adapter weights to bf16 (the paper's GPU recipe); on a CPU without
+        # native bf16 that runs emulated at a fraction of fp32 speed, so keep them fp32.
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+    # 6. Train (from the last complete checkpoint with --resume).
+    start = time.time()
+    trainer.train(resume_from_checkpoint=last_ckpt if resume else None)
+    seconds = time.time() - start
+    final_eval = trainer.evaluate()["eval_loss"] if val_ds is not None else None
+
+    # 7. Adapter (atomic, loads with PeftModel.from_pretrained), tokenizer with the training template, plots.
+    adapter_dir = run_dir / "adapter"
+    if trainer.args.should_save:
+        staging = run_dir / ".adapter-staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        staging.rename(adapter_dir)
+    curve = plot_loss_curve(read_metrics(metrics_path), run_dir / "loss_curve.png")
+    console.print(
+        f"  trained {trainer.state.global_step} steps in {seconds:.0f}s"
+        + (f"; final eval loss {final_eval:.4f}" if final_eval is not None else "")
+        + f"; adapter: {adapter_dir}"
+    )
+    return TrainResult(
+        run_dir=run_dir,
+        adapter_dir=adapter_dir,
+        metrics=metrics_path,
+        loss_curve=curve,
+        global_step=trainer.state.global_step,
+        final_eval_loss=final_eval,
+        train_seconds=seconds,
+    )
