@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
-
 from llmtune.config import load_recipe
 from llmtune.errors import LlmtuneError
 
@@ -17,7 +16,6 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     help="Fine-tune chat models on roleplay data with recipes. Start with: `llmtune run recipes/demo-cpu.yaml`",
 )
-err = Console(stderr=True)
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file (or, for `eval`, a run directory holding recipe.yaml).")
 OverridesArg = typer.Argument(None, help="Overrides as section.key=value, e.g. training.max_steps=20 lora.rank=8.")
@@ -36,8 +34,7 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (LlmtuneError, FileNotFoundError) as exc:
-        err.print("[bold red]error[/]: ", end="")
-        err.print(str(exc), markup=False, highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
 
 

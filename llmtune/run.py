@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 
+from llmtune.console import console
 from llmtune.config import Recipe, save_resolved
 
-console = Console(stderr=True)
 
 
 @dataclass

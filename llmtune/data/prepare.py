@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rich.console import Console
 
+from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.formats import read_source
 from llmtune.data.template import (
@@ -27,7 +27,6 @@ from llmtune.data.types import Conversation, Rejection
 from llmtune.errors import DataError
 from llmtune.models import load_tokenizer, resolve_base
 
-console = Console(stderr=True)
 
 
 @dataclass

@@ -13,15 +13,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.prepare import PreparedData
 from llmtune.data.template import IGNORE_INDEX
 from llmtune.models import load_base_model, load_tokenizer, placement_for
 
-console = Console(stderr=True)
 
 
 @dataclass

@@ -6,11 +6,11 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-console = Console(stderr=True)
+from llmtune.console import console
+
 
 
 class MetricsFile(TrainerCallback):

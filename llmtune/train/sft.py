@@ -15,13 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 
+from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.prepare import PreparedData
 from llmtune.models import load_base_model, load_tokenizer, placement_for, resolve_base
 
-console = Console(stderr=True)
 
 
 @dataclass
@@ -105,7 +104,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from torch.utils.tensorboard import SummaryWriter
+    from transformers import PrinterCallback
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
@@ -204,11 +203,13 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     )
     trainer_cls = _make_trainer_class()
     prompts = sample_prompts(recipe, prepared)
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(run_dir / "tensorboard")  # else it re-opens under checkpoints/runs/ after train
     callbacks = [
         MetricsFile(metrics_path),
         SampleReplies(tokenizer, prompts, cfg.eval.max_new_tokens, prepared.end_of_turn, run_dir / "samples.jsonl"),
         RichProgress(),
-        TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))),
+        tensorboard,
     ]
     trainer = trainer_cls(
         model=model,
@@ -218,6 +219,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # RichProgress shows the same numbers
     if qlora and compute_dtype == torch.float32:
         # TRL casts QLoRA adapter weights to bf16 (the paper's GPU recipe); on a CPU without
         # native bf16 that runs emulated at a fraction of fp32 speed, so keep them fp32.
@@ -229,7 +231,11 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     start = time.time()
     trainer.train(resume_from_checkpoint=last_ckpt if resume else None)
     seconds = time.time() - start
-    final_eval = trainer.evaluate()["eval_loss"] if val_ds is not None else None
+    final_eval = None
+    if val_ds is not None:
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        at_end = evals and evals[-1]["step"] == trainer.state.global_step
+        final_eval = evals[-1]["eval_loss"] if at_end else trainer.evaluate()["eval_loss"]
 
     # 7. Adapter (atomic, loads with PeftModel.from_pretrained), tokenizer with the training template, plots.
     adapter_dir = run_dir / "adapter"

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny recipes on the embedded tiny random Llama (SmolLM2 tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "roleplay"
+
+MEMORISE = [
+    [("user", "What is the ship called?"), ("assistant", "The Kestrel, deckhand.")],
+    [("user", "Who is the captain?"), ("assistant", "Captain Mara Vell, at your service.")],
+    [("user", "Where are we going?"), ("assistant", "North, past the copper cliffs.")],
+    [("user", "What is for supper?"), ("assistant", "Cloudberry stew, as always.")],
+]
+
+
+def write_conversations(path: Path, convs, system: str | None = "You are Mara.") -> Path:
+    with path.open("w") as f:
+        for turns in convs:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": r, "content": c} for r, c in turns
+            ]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def tiny_recipe_dict(tmp_path: Path, data_path: Path, **sections) -> dict:
+    recipe = {
+        "name": "tiny",
+        "model": {"base": "embedded:tiny-random-llama"},
+        "data": {"sources": [{"path": str(data_path), "license": "CC0-1.0"}], "val_fraction": 0.25, "max_seq_length": 128},
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+        "training": {
+            "max_steps": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
+            "eval_steps": 2, "save_steps": 2, "warmup_ratio": 0.0, "lr_scheduler": "constant",
+        },
+        "eval": {"prompts": ["What is the ship called?"], "max_new_tokens": 8},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            recipe.setdefault(key, {}).update(value)
+        else:
+            recipe[key] = value
+    return recipe
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """Write a tiny recipe (memorisation data) and return its path; kwargs update sections."""
+
+    def make(source: Path | None = None, **sections) -> Path:
+        source = source or write_conversations(tmp_path / "chats.jsonl", MEMORISE + [[("user", f"Say {i}"), ("assistant", f"{i}, deckhand.")] for i in range(8)])
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path, source, **sections), sort_keys=False))
+        return path
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real `llmtune` console entry point in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "llmtune.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from llmtune.models import load_tokenizer, resolve_base
+
+    return load_tokenizer(resolve_base("embedded:tiny-random-llama"))

@@ -1,0 +1,173 @@
+"""prepare: formats, quarantine with reasons, reconciling counts, masks, split, truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmtune.config import load_recipe
+from llmtune.data.formats import read_source
+from llmtune.data.prepare import PreparedData, prepare, render_masked, split_of
+from llmtune.data.template import (
+    IGNORE_INDEX,
+    NAMED_TEMPLATES,
+    end_of_turn_token,
+    resolve_chat_template,
+    tokenize_conversation,
+)
+from llmtune.data.types import Conversation, Message, Rejection
+from llmtune.errors import DataError, TemplateError
+from tests.conftest import DATA, write_conversations
+
+CONV = Conversation(
+    [
+        Message("system", "Be Mara."),
+        Message("user", "Hi there"),
+        Message("assistant", "Ahoy, deckhand."),
+        Message("user", "Where to?"),
+        Message("assistant", "North."),
+    ]
+)
+
+
+def trained_text(tok, t):
+    return tok.decode([i for i, l in zip(t.input_ids, t.labels) if l != IGNORE_INDEX])
+
+
+def test_assistant_mask_trains_replies_and_end_of_turn_only(tiny_tokenizer):
+    template = resolve_chat_template(tiny_tokenizer, None)
+    t = tokenize_conversation(tiny_tokenizer, CONV, template, "assistant")
+    assert trained_text(tiny_tokenizer, t) == "Ahoy, deckhand.<|im_end|>North.<|im_end|>"
+    # The end-of-turn token is trained after every assistant reply.
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trained_eot = [i for i, l in zip(t.input_ids, t.labels) if l == eot]
+    assert len(trained_eot) == 2
+    assert len(t.input_ids) == len(t.labels)
+
+
+def test_last_and_all_masks(tiny_tokenizer):
+    template = resolve_chat_template(tiny_tokenizer, None)
+    last = tokenize_conversation(tiny_tokenizer, CONV, template, "last")
+    assert trained_text(tiny_tokenizer, last) == "North.<|im_end|>"
+    every = trained_text(tiny_tokenizer, tokenize_conversation(tiny_tokenizer, CONV, template, "all"))
+    assert "Hi there" in every and "Where to?" in every and "Be Mara" not in every
+    assert "<|im_start|>assistant" not in every  # the reply header is prompt, not target
+
+
+def test_named_and_file_templates_and_errors(tiny_tokenizer, tmp_path):
+    assert resolve_chat_template(tiny_tokenizer, "chatml") == NAMED_TEMPLATES["chatml"]
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}")
+    assert resolve_chat_template(tiny_tokenizer, str(jinja)).startswith("{% for m")
+    with pytest.raises(TemplateError, match="neither a named template"):
+        resolve_chat_template(tiny_tokenizer, "no-such-template")
+    # A template whose output for a prefix is not a prefix of the whole cannot be masked.
+    jinja.write_text("{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(TemplateError, match="prefixes"):
+        tokenize_conversation(tiny_tokenizer, CONV, jinja.read_text(), "assistant")
+
+
+def test_end_of_turn_token_is_found_from_the_template(tiny_tokenizer):
+    assert end_of_turn_token(tiny_tokenizer, resolve_chat_template(tiny_tokenizer, None)) == "<|im_end|>"
+
+
+def test_bad_rows_each_get_their_reason():
+    items = list(read_source(DATA / "bad_rows.jsonl"))
+    reasons = [i.reason if isinstance(i, Rejection) else "ok" for i in items]
+    assert reasons == [
+        "bad_json", "empty_conversation", "empty_content", "unknown_role", "no_assistant_turn",
+        "unknown_format", "bad_message", "ok", "ok", "not_an_object",
+    ]
+    assert all(i.line == n for n, i in enumerate(items, start=1))
+    assert all(i.source.endswith("bad_rows.jsonl") for i in items)
+
+
+def test_non_utf8_line_is_quarantined(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    [item] = list(read_source(p))
+    assert isinstance(item, Rejection) and item.reason == "non_utf8" and item.line == 1
+
+
+def test_sharegpt_role_spellings_are_mapped():
+    convs = [c for c in read_source(DATA / "mara_vell_sharegpt.json") if isinstance(c, Conversation)]
+    assert len(convs) == 12
+    for c in convs:
+        assert {m.role for m in c.messages} <= {"system", "user", "assistant"}
+        assert c.messages[-1].role == "assistant"
+
+
+def test_custom_role_map(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text(json.dumps({"conversations": [{"from": "Alice", "value": "hi"}, {"from": "Narrator", "value": "yo"}]}) + "\n")
+    [rej] = list(read_source(p))
+    assert rej.reason == "unknown_role"
+    [conv] = list(read_source(p, role_map={"alice": "user", "narrator": "assistant"}))
+    assert [m.role for m in conv.messages] == ["user", "assistant"]
+
+
+def test_prepare_counts_reconcile_and_quarantine_has_reasons(tmp_path, tiny_recipe):
+    recipe = load_recipe(tiny_recipe(source=DATA / "bad_rows.jsonl", data={"val_fraction": 0.0}))
+    p = prepare(recipe)
+    c = p.counts
+    assert (c["read"], c["kept"], c["quarantined"], c["duplicates"]) == (10, 1, 8, 1)
+    assert c["read"] == c["kept"] + c["quarantined"] + c["duplicates"]
+    rows = [json.loads(l) for l in p.quarantine.read_text().splitlines()]
+    assert len(rows) == 8
+    assert {r["line"] for r in rows} == {1, 2, 3, 4, 5, 6, 7, 10}
+    assert all(r["reason"] and r["detail"] and r["source"].endswith("bad_rows.jsonl") for r in rows)
+    dup = json.loads((p.data_dir / "duplicates.jsonl").read_text())
+    assert dup["line"] == 9 and dup["duplicate_of"].endswith(":8")
+    report = p.report.read_text()
+    assert "read 10 = kept 1 + quarantined 8 + duplicates 1" in report
+    assert "[[" in report and (p.data_dir / "token_lengths.png").stat().st_size > 0
+    again = PreparedData.load(recipe.run_dir)
+    assert again.counts == c and again.end_of_turn == "<|im_end|>"
+
+
+def test_split_is_by_content_and_stable_when_data_grows(tmp_path, tiny_recipe):
+    convs = [[("user", f"question {i}"), ("assistant", f"answer {i}")] for i in range(60)]
+    small = write_conversations(tmp_path / "small.jsonl", convs[:30])
+    big = write_conversations(tmp_path / "big.jsonl", convs[30:] + convs[:30])  # new rows first, old reordered
+    def val_set(path):
+        p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.3})))
+        return {l for l in (json.loads(x)["messages"][-1]["content"] for x in p.val_jsonl.read_text().splitlines())}
+    val_small, val_big = val_set(small), val_set(big)
+    assert val_small and val_small <= val_big
+    old_answers = {f"answer {i}" for i in range(30)}
+    assert val_big & old_answers == val_small  # no old row moved in or out of validation
+    c = Conversation([Message("user", "a"), Message("assistant", "b")])
+    assert split_of(c, 0.0) == "train" and split_of(c, 0.999999) == "val"
+
+
+def test_long_conversations_are_truncated_at_a_turn_boundary(tmp_path, tiny_recipe):
+    long_turn = " ".join(["word"] * 40)
+    convs = [[("user", "hi"), ("assistant", "short reply"), ("user", long_turn), ("assistant", long_turn)]]
+    convs.append([("user", long_turn * 3), ("assistant", "too long from the start")])
+    path = write_conversations(tmp_path / "long.jsonl", convs)
+    p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0, "max_seq_length": 60})))
+    assert p.counts["truncated"] == 1 and p.counts["kept"] == 1 and p.counts["quarantined"] == 1
+    kept = json.loads(p.train_jsonl.read_text())
+    assert kept["messages"][-1] == {"role": "assistant", "content": "short reply"}
+    [rej] = [json.loads(l) for l in p.quarantine.read_text().splitlines()]
+    assert rej["reason"] == "too_long" and rej["line"] == 2
+
+
+def test_no_trainable_tokens_is_an_error_naming_the_template(tmp_path, tiny_recipe):
+    path = write_conversations(tmp_path / "c.jsonl", [[("user", "a"), ("assistant", "b")]])
+    recipe = load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0, "max_seq_length": 10}))
+    with pytest.raises(DataError, match="no trainable tokens.*chat template"):
+        prepare(recipe)
+
+
+def test_missing_source_file_is_named(tmp_path, tiny_recipe):
+    recipe = load_recipe(tiny_recipe(source=tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="nope.jsonl"):
+        prepare(recipe)
+
+
+def test_render_masked_marks_trained_tokens(tiny_tokenizer):
+    template = resolve_chat_template(tiny_tokenizer, None)
+    out = render_masked(tiny_tokenizer, tokenize_conversation(tiny_tokenizer, CONV, template))
+    assert "[[Ahoy, deckhand.<|im_end|>]]" in out and "[[Hi there" not in out
