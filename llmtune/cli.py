@@ -34,8 +34,12 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (LlmtuneError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from None
+        _exit_with(str(exc))
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
 
 
 @app.command(epilog="Example: `llmtune run recipes/demo-cpu.yaml training.max_steps=20`")
@@ -97,6 +101,31 @@ def eval_(
     result = _call(lambda: evaluate(_recipe(recipe, overrides)))
     if as_json:
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Look at data files before training on them.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect", epilog="Example: `llmtune data inspect data/roleplay/*.jsonl --json`")
+def data_inspect(
+    files: list[Path] = typer.Argument(..., help="Data files (any supported format)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the counts."),
+    model: str = typer.Option("embedded:smollm2-135m-instruct", help="Base whose tokenizer and template to use."),
+    chat_template: str = typer.Option(None, help="`chatml` or a Jinja file instead of the tokenizer's template."),
+    mask: str = typer.Option("assistant", help="assistant | all | last"),
+) -> None:
+    """Detect formats, validate, dedup and count rows; show one rendered sample with its trained tokens."""
+    from llmtune.data.inspect import inspect_files, print_inspection
+
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        _exit_with(f"no such file: {', '.join(missing)}")
+    result, tokenizer = _call(lambda: inspect_files(files, model, chat_template, mask))
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        print_inspection(result, tokenizer)
 
 
 @app.command(epilog="Example: `llmtune validate recipes/demo-cpu.yaml lora.rank=8`")

@@ -57,6 +57,12 @@ class DataConfig(Section):
         0.1, ge=0.0, lt=1.0, description="Share of conversations held back for validation, chosen by content hash."
     )
     max_seq_length: int = Field(512, gt=8, description="Tokens per training sequence; longer conversations are truncated at a turn boundary.")
+    dedup: Literal["near", "exact", "none"] = Field(
+        "near", description="Remove exact duplicates, and with `near` also near-duplicates (MinHash LSH)."
+    )
+    near_dup_threshold: float = Field(
+        0.85, gt=0.0, le=1.0, description="Estimated Jaccard similarity of word 3-shingles that makes a near-duplicate."
+    )
     mask: Literal["assistant", "all", "last"] = Field(
         "assistant", description="Which turns carry loss: assistant turns, all turns, or the last assistant turn."
     )
@@ -100,7 +106,11 @@ class TrainingConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field("adamw_torch", description="transformers optimizer name (e.g. `paged_adamw_8bit` on GPUs).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    packing: bool = Field(False, description="Pack conversations padding-free (per-sequence position ids).")
+    packing: bool = Field(
+        True,
+        description="Pack conversations padding-free into max_seq_length rows, with per-sequence position ids so no "
+        "token attends across conversations (turned off with a warning for models that cannot keep them apart).",
+    )
     seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
     logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
     eval_steps: int = Field(20, gt=0, description="Evaluate (loss + sample replies) every N steps.")

@@ -171,3 +171,64 @@ def test_render_masked_marks_trained_tokens(tiny_tokenizer):
     template = resolve_chat_template(tiny_tokenizer, None)
     out = render_masked(tiny_tokenizer, tokenize_conversation(tiny_tokenizer, CONV, template))
     assert "[[Ahoy, deckhand.<|im_end|>]]" in out and "[[Hi there" not in out
+
+
+def test_near_duplicates_are_removed_and_recorded(tmp_path, tiny_recipe):
+    base = "The Kestrel sails north past the copper cliffs tonight and the crew sings old songs on deck"
+    convs = [
+        [("user", "Tell me a story"), ("assistant", base)],
+        [("user", "Tell me a story"), ("assistant", base + " again")],  # near-duplicate
+        [("user", "What is for supper?"), ("assistant", "Cloudberry stew with brown bread, deckhand.")],
+    ]
+    path = write_conversations(tmp_path / "n.jsonl", convs)
+    p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0})))
+    assert (p.counts["kept"], p.counts["duplicates"]) == (2, 1)
+    dup = json.loads((p.data_dir / "duplicates.jsonl").read_text())
+    assert dup == {"source": str(path), "line": 2, "duplicate_of": f"{path}:1", "kind": "near"}
+    p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0, "dedup": "exact"})))
+    assert (p.counts["kept"], p.counts["duplicates"]) == (3, 0)
+
+
+STRICT = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<turn>{{ m['role'] }}\n{{ m['content'] }}<end>\n{% endfor %}"
+    "{% if add_generation_prompt %}<turn>assistant\n{% endif %}"
+)
+
+
+def test_strict_templates_get_conversations_reshaped_not_crashed(tmp_path, tiny_tokenizer):
+    from llmtune.data.template import fit_to_template
+
+    msgs = [Message("system", "Be Mara."), Message("user", "Hi"), Message("user", "Anyone there?"),
+            Message("assistant", "Aye."), Message("system", "Stay brief.")]
+    fitted, change = fit_to_template(tiny_tokenizer, msgs, STRICT)
+    assert "merged system messages" in change and "folded the system prompt" in change
+    assert [m.role for m in fitted] == ["user", "assistant"]
+    assert fitted[0].content == "Be Mara.\n\nStay brief.\n\nHi\n\nAnyone there?"
+    ok = [Message("user", "Hi"), Message("assistant", "Aye.")]
+    assert fit_to_template(tiny_tokenizer, ok, STRICT) == (ok, None)
+
+
+def test_prepare_counts_reshaped_conversations(tmp_path, tiny_recipe):
+    template = tmp_path / "strict.jinja"
+    template.write_text(STRICT)
+    path = write_conversations(tmp_path / "c.jsonl", [[("user", "a b c"), ("user", "d e f"), ("assistant", "g h i")]])
+    p = prepare(load_recipe(tiny_recipe(source=path, model={"chat_template": str(template)}, data={"val_fraction": 0.0})))
+    assert p.counts["reshaped"] == 1 and p.counts["kept"] == 1
+    assert json.loads(p.train_jsonl.read_text())["messages"][0]["role"] == "user"
+
+
+def test_data_inspect_json_contract():
+    from tests.conftest import run_cli
+
+    res = run_cli("data", "inspect", str(DATA / "bad_rows.jsonl"), str(DATA / "mara_vell_sharegpt.json"), "--json",
+                  "--model", "embedded:tiny-random-llama")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert {"read", "kept", "quarantined", "duplicates", "formats"} <= set(out)
+    assert out["read"] == out["kept"] + out["quarantined"] + out["duplicates"] == 22
+    assert out["quarantined"] == 8 and out["duplicates"] == 1
+    res = run_cli("data", "inspect", str(DATA / "mara_vell_sharegpt.json"), "--model", "embedded:tiny-random-llama")
+    assert res.returncode == 0 and "trained tokens" in res.stderr and "<|im_start|>assistant" in res.stderr

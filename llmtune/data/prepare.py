@@ -13,18 +13,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+from rich.progress import track
+
 from llmtune.console import console
 from llmtune.config import Recipe
+from llmtune.data.dedup import NearDuplicateIndex
 from llmtune.data.formats import read_source
 from llmtune.data.template import (
     IGNORE_INDEX,
     TokenizedConversation,
     end_of_turn_token,
+    fit_to_template,
     resolve_chat_template,
     tokenize_conversation,
 )
 from llmtune.data.types import Conversation, Rejection
-from llmtune.errors import DataError
+from llmtune.errors import DataError, TemplateError
 from llmtune.models import load_tokenizer, resolve_base
 
 
@@ -39,7 +43,9 @@ class SourceCounts:
     quarantined: int = 0
     duplicates: int = 0
     truncated: int = 0
+    reshaped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,20 +99,24 @@ def _truncate_at_turn(
     return None
 
 
-def prepare(recipe: Recipe) -> PreparedData:
-    data_dir = recipe.run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Collected:
+    """Every row of every source, accounted for: kept (tokenized), quarantined, or duplicate."""
+
+    kept: list[tuple[Conversation, TokenizedConversation]]
+    rejections: list[Rejection]
+    duplicates: list[dict]
+    sources: list[SourceCounts]
+
+
+def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
+    """Read, validate, dedup, fit to the template, tokenize, mask and truncate every source."""
     cfg = recipe.data
-
-    tokenizer = load_tokenizer(resolve_base(recipe.model.base, recipe.model.revision), recipe.model.revision)
-    recipe_dir = recipe.source_path.parent if recipe.source_path else None
-    template = resolve_chat_template(tokenizer, recipe.model.chat_template, recipe_dir)
-    eot = end_of_turn_token(tokenizer, template)
-
-    kept: dict[str, list[tuple[Conversation, TokenizedConversation]]] = {"train": [], "val": []}
+    kept: list[tuple[Conversation, TokenizedConversation]] = []
     rejections: list[Rejection] = []
     duplicates: list[dict] = []
     seen: dict[str, str] = {}
+    near = NearDuplicateIndex(cfg.near_dup_threshold) if cfg.dedup == "near" else None
     per_source: list[SourceCounts] = []
 
     for src in cfg.sources:
@@ -116,62 +126,105 @@ def prepare(recipe: Recipe) -> PreparedData:
         counts = SourceCounts(path=src.path, origin=src.origin, license=src.license)
         per_source.append(counts)
         reasons: Counter[str] = Counter()
-        for item in read_source(path, src.format, src.role_map):
+
+        def quarantine(item, reason: str, detail: str) -> None:
+            rejections.append(item if isinstance(item, Rejection) else Rejection(item.source, item.line, reason, detail, ""))
+            reasons[reason] += 1
+
+        rows = read_source(path, src.format, src.role_map)
+        for item in track(rows, description=f"reading {src.path}", console=console, transient=True):
             counts.read += 1
             if isinstance(item, Rejection):
-                rejections.append(item)
-                reasons[item.reason] += 1
+                quarantine(item, item.reason, item.detail)
                 continue
-            h = item.content_hash
-            if h in seen:
-                counts.duplicates += 1
-                duplicates.append({"source": item.source, "line": item.line, "duplicate_of": seen[h]})
+            where = f"{item.source}:{item.line}"
+            if cfg.dedup != "none":
+                h = item.content_hash
+                first = seen.get(h) or (near.check_and_add(where, item) if near else None)
+                if first is not None:
+                    counts.duplicates += 1
+                    duplicates.append({"source": item.source, "line": item.line, "duplicate_of": first,
+                                       "kind": "exact" if h in seen else "near"})
+                    continue
+                seen[h] = where
+            try:
+                messages, change = fit_to_template(tokenizer, item.messages, template)
+            except TemplateError as exc:
+                quarantine(item, "template_rejects", str(exc))
                 continue
-            seen[h] = f"{item.source}:{item.line}"
+            if change:
+                item = Conversation(messages, item.source, item.line, {**item.meta, "reshaped": change})
+                counts.reshaped += 1
             tok = tokenize_conversation(tokenizer, item, template, cfg.mask)
             if len(tok.input_ids) > cfg.max_seq_length:
                 cut = _truncate_at_turn(tokenizer, item, template, cfg.mask, cfg.max_seq_length)
                 if cut is None:
-                    rejections.append(
-                        Rejection(item.source, item.line, "too_long",
-                                  f"{len(tok.input_ids)} tokens; even the first assistant turn exceeds "
-                                  f"data.max_seq_length={cfg.max_seq_length}", "")
-                    )
-                    reasons["too_long"] += 1
+                    quarantine(item, "too_long", f"{len(tok.input_ids)} tokens; even the first assistant turn exceeds "
+                                                 f"data.max_seq_length={cfg.max_seq_length}")
                     continue
                 item, tok = cut
                 counts.truncated += 1
             if tok.trained_tokens == 0:
-                rejections.append(
-                    Rejection(item.source, item.line, "no_trainable_tokens",
-                              f"data.mask={cfg.mask} leaves no token with loss in this conversation", "")
-                )
-                reasons["no_trainable_tokens"] += 1
+                quarantine(item, "no_trainable_tokens", f"data.mask={cfg.mask} leaves no token with loss in this conversation")
                 continue
-            kept[split_of(item, cfg.val_fraction)].append((item, tok))
+            kept.append((item, tok))
             counts.kept += 1
+            fmt = item.meta.get("format", src.format)
+            counts.formats[fmt] = counts.formats.get(fmt, 0) + 1
         counts.quarantined = sum(reasons.values())
         counts.reasons = dict(reasons)
+    return Collected(kept, rejections, duplicates, per_source)
 
+
+def load_template(recipe: Recipe):
+    """The base tokenizer and the chat template text the recipe trains with."""
+    tokenizer = load_tokenizer(resolve_base(recipe.model.base, recipe.model.revision), recipe.model.revision)
+    recipe_dir = recipe.source_path.parent if recipe.source_path else None
+    return tokenizer, resolve_chat_template(tokenizer, recipe.model.chat_template, recipe_dir)
+
+
+def prepare(recipe: Recipe) -> PreparedData:
+    data_dir = recipe.run_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = recipe.data
+    tokenizer, template = load_template(recipe)
+    eot = end_of_turn_token(tokenizer, template)
+
+    found = collect(recipe, tokenizer, template)
+    kept: dict[str, list[tuple[Conversation, TokenizedConversation]]] = {"train": [], "val": []}
+    for conv, tok in found.kept:
+        kept[split_of(conv, cfg.val_fraction)].append((conv, tok))
     if cfg.val_fraction > 0 and not kept["val"] and len(kept["train"]) >= 2:
         # Tiny sets can hash every row into train; hold back the row closest to the cut.
         kept["train"].sort(key=lambda ct: ct[0].content_hash)
         kept["val"].append(kept["train"].pop(0))
 
-    trained = sum(t.trained_tokens for split in kept.values() for _, t in split)
-    if trained == 0:
+    quarantine = _write_rejections(data_dir, found)
+    if not any(t.trained_tokens for split in kept.values() for _, t in split):
         raise DataError(
             f"no trainable tokens: with data.mask={cfg.mask} and the chat template of {recipe.model.base} "
-            f"(model.chat_template={recipe.model.chat_template or 'tokenizer default'}), every conversation is fully masked"
-            + (f"; {len(rejections)} rows were quarantined, see {data_dir / 'quarantine.jsonl'}" if rejections else "")
+            f"(model.chat_template={recipe.model.chat_template or 'tokenizer default'}), no conversation has a token with loss"
+            + (f"; {len(found.rejections)} rows were quarantined (reasons in {quarantine})" if found.rejections else "")
         )
 
-    prepared = _write(recipe, data_dir, kept, rejections, duplicates, per_source, template, eot, tokenizer)
+    prepared = _write(recipe, data_dir, kept, found, template, eot, tokenizer)
     _print_summary(prepared)
     return prepared
 
 
-def _write(recipe, data_dir, kept, rejections, duplicates, per_source, template, eot, tokenizer) -> PreparedData:
+def _write_rejections(data_dir: Path, found: Collected) -> Path:
+    quarantine = data_dir / "quarantine.jsonl"
+    with quarantine.open("w", encoding="utf-8") as f:
+        for r in found.rejections:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    with (data_dir / "duplicates.jsonl").open("w", encoding="utf-8") as f:
+        for d in found.duplicates:
+            f.write(json.dumps(d) + "\n")
+    return quarantine
+
+
+def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -> PreparedData:
+    per_source = found.sources
     from datasets import Dataset
 
     paths = {}
@@ -187,13 +240,6 @@ def _write(recipe, data_dir, kept, rejections, duplicates, per_source, template,
         paths[split] = (jsonl, tokenized)
 
     quarantine = data_dir / "quarantine.jsonl"
-    with quarantine.open("w", encoding="utf-8") as f:
-        for r in rejections:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    with (data_dir / "duplicates.jsonl").open("w", encoding="utf-8") as f:
-        for d in duplicates:
-            f.write(json.dumps(d) + "\n")
-
     lengths = {s: [len(t.input_ids) for _, t in rows] for s, rows in kept.items()}
     counts = {
         "read": sum(s.read for s in per_source),
@@ -201,6 +247,7 @@ def _write(recipe, data_dir, kept, rejections, duplicates, per_source, template,
         "quarantined": sum(s.quarantined for s in per_source),
         "duplicates": sum(s.duplicates for s in per_source),
         "truncated": sum(s.truncated for s in per_source),
+        "reshaped": sum(s.reshaped for s in per_source),
         "train": len(kept["train"]),
         "val": len(kept["val"]),
         "train_tokens": sum(lengths["train"]),

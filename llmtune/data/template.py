@@ -61,6 +61,68 @@ def resolve_chat_template(tokenizer: "PreTrainedTokenizerBase", spec: str | None
     return path.read_text(encoding="utf-8")
 
 
+def _merge_system(messages: list[Message]) -> list[Message]:
+    """All system messages joined into one leading system message."""
+    system = [m.content for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    return ([Message("system", "\n\n".join(system))] if system else []) + rest
+
+
+def _merge_runs(messages: list[Message]) -> list[Message]:
+    """Consecutive messages of one role joined, so user and assistant alternate."""
+    out: list[Message] = []
+    for m in messages:
+        if out and out[-1].role == m.role:
+            out[-1] = Message(m.role, out[-1].content + "\n\n" + m.content)
+        else:
+            out.append(m)
+    return out
+
+
+def _fold_system(messages: list[Message]) -> list[Message]:
+    """For templates with no system role (Gemma): the system text opens the first user turn."""
+    if not messages or messages[0].role != "system":
+        return messages
+    system, rest = messages[0].content, messages[1:]
+    if rest and rest[0].role == "user":
+        return [Message("user", f"{system}\n\n{rest[0].content}"), *rest[1:]]
+    return [Message("user", system), *rest]
+
+
+def _renders_every_message(tokenizer, messages: list[Message], template: str) -> bool:
+    """True if the template renders the conversation and drops none of its messages."""
+    try:
+        text = _render(tokenizer, messages, template)
+    except Exception:  # jinja's raise_exception ("roles must alternate", "system role not supported")
+        return False
+    return all(m.content.strip() in text for m in messages)
+
+
+def fit_to_template(tokenizer, messages: list[Message], template: str) -> tuple[list[Message], str | None]:
+    """Reshape a conversation the template refuses or silently truncates (several system messages,
+    non-alternating roles, no system role) instead of crashing.
+    Returns the messages and what was changed (None when nothing was)."""
+    steps = (
+        ("merged system messages", _merge_system),
+        ("merged consecutive same-role turns", _merge_runs),
+        ("folded the system prompt into the first user turn", _fold_system),
+    )
+    changed: list[str] = []
+    if _renders_every_message(tokenizer, messages, template):
+        return messages, None
+    for what, step in steps:
+        reshaped = step(messages)
+        if reshaped != messages:
+            messages = reshaped
+            changed.append(what)
+            if _renders_every_message(tokenizer, messages, template):
+                return messages, ", ".join(changed)
+    raise TemplateError(
+        "the chat template rejects this conversation even after merging system messages and same-role turns "
+        "and folding the system prompt into the first user turn; set model.chat_template to a template that fits"
+    )
+
+
 def _render(tokenizer, messages: list[Message], template: str, add_generation_prompt: bool = False) -> str:
     if not messages:
         return ""

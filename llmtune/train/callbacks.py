@@ -44,6 +44,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
                 **ids,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                use_cache=True,
                 eos_token_id=eos_id,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id,
             )

@@ -55,6 +55,26 @@ def configure_threads(num_threads: int | None) -> int:
     return n
 
 
+def packing_is_isolated(model) -> bool:
+    """Whether this model keeps packed sequences apart given only per-sequence position ids.
+
+    transformers builds a block-diagonal mask from position ids (when there is no attention
+    mask and no KV cache); architectures that bypass that path would attend across sequences.
+    Checked on two short sequences: their logits alone and packed must agree."""
+    import torch
+
+    device = next(model.parameters()).device
+    a = torch.tensor([[5, 6, 7, 8, 9]], device=device)
+    b = torch.tensor([[11, 12, 13]], device=device)
+    with torch.no_grad():
+        alone = model(input_ids=b, use_cache=False).logits.float()
+        packed = model(
+            input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device),
+            use_cache=False,
+        ).logits.float()
+    return bool(torch.allclose(packed[:, 5:], alone, atol=1e-2, rtol=1e-2))
+
+
 def _make_trainer_class():
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
     from trl import SFTTrainer
@@ -138,6 +158,11 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     tokenizer = load_tokenizer(resolve_base(cfg.model.base, cfg.model.revision), cfg.model.revision)
     tokenizer.chat_template = prepared.chat_template
     model = load_base_model(recipe, where)
+    model.config.use_cache = False  # a KV cache in training would also defeat packed-sequence masking
+    packing = tcfg.packing
+    if packing and not packing_is_isolated(model):
+        console.print("[yellow]warning[/]: this model attends across packed sequences; training without packing")
+        packing = False
     if qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tcfg.gradient_checkpointing)
 
@@ -164,7 +189,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     console.print(
         f"  data: {len(train_ds)} train / {len(val_ds) if val_ds is not None else 0} val conversations, "
         f"longest {prepared.counts['max_tokens']} tokens, max_seq_length {cfg.data.max_seq_length}"
-        f"{', packed padding-free' if tcfg.packing else ''}"
+        f"{', packed padding-free' if packing else ''}"
     )
 
     # 5. Trainer.
@@ -187,8 +212,11 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
+        # NCCL needs GPUs; gloo runs DDP across CPU processes (set only when launched distributed).
+        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
         max_length=cfg.data.max_seq_length,
-        packing=tcfg.packing,
+        packing=packing,
         packing_strategy="bfd",
         logging_steps=tcfg.logging_steps,
         eval_strategy="steps" if val_ds is not None else "no",
