@@ -42,13 +42,49 @@ class ModelConfig(Section):
 
 
 class DataSource(Section):
-    path: str = Field(description="A file of conversations, relative to the recipe file or absolute.")
-    format: Literal["auto", "openai", "sharegpt"] = Field("auto", description="Input format; `auto` detects it per row.")
+    path: str | None = Field(
+        None,
+        description="Conversations: a JSONL/JSON/Parquet file, a card (PNG/JSON), a `datasets` save_to_disk directory "
+        "or a directory of chat files; relative to the recipe file or absolute. May be left out when `card` is set.",
+    )
+    format: Literal["auto", "openai", "sharegpt", "parquet", "hf_dataset", "card", "pippa", "sillytavern"] = Field(
+        "auto",
+        description="Input format. `auto` picks the container by extension (.parquet, .png card, saved dataset "
+        "directory, SillyTavern export by its header) and the row shape (openai/sharegpt/pippa) per row.",
+    )
     role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
-        default_factory=dict, description="Extra role names mapped to system/user/assistant (e.g. `Alice: user`)."
+        default_factory=dict,
+        description="Extra role (or SillyTavern speaker) names mapped to system/user/assistant (e.g. `Alice: user`).",
+    )
+    card: str | None = Field(
+        None,
+        description="Character card (V1/V2/V3, PNG or JSON). With `path`: the system turn and greeting of every chat "
+        "log. Alone: its `<START>` example dialogues become the training conversations.",
+    )
+    user_name: str = Field(
+        "User", min_length=1, description="Name put in for `{{user}}`/`<USER>` in cards and PIPPA definitions."
+    )
+    greeting: Literal["first", "all"] = Field(
+        "first",
+        description="Card greetings: `first` opens chat logs with first_mes; `all` also adds one [system, greeting] "
+        "conversation per greeting (first_mes and alternates) when the card has no chat logs.",
+    )
+    weight: float | None = Field(
+        None, gt=0, description="Share of this source in the mix: 2.0 uses each conversation twice, 0.5 half of them."
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="At most this many conversations from this source (after `weight`), chosen by hash."
     )
     origin: str | None = Field(None, description="Where the data came from (carried into the report).")
     license: str | None = Field(None, description="The data's licence (carried into the report).")
+
+    @model_validator(mode="after")
+    def _path_or_card(self) -> DataSource:
+        if self.path is None and self.card is None:
+            raise ValueError("a data source needs `path` (conversations), `card` (a character card), or both")
+        if self.path is not None and self.card is not None and self.format == "card":
+            raise ValueError("`format: card` reads `path` as the card; with `card:` set, `path` must be chat logs")
+        return self
 
 
 class DataConfig(Section):

@@ -65,11 +65,13 @@ def write_run_report(recipe) -> Path:
 
     prepared = run_dir / "data" / "prepared.json"
     if prepared.exists():
+        from llmtune.data.prepare import reconciliation
+
         c = json.loads(prepared.read_text())["counts"]
         lines += [
             "## Data",
             "",
-            f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}; "
+            f"{reconciliation(c)}; "
             f"{c['train']} train / {c['val']} validation conversations, {c['trained_tokens']:,} trained tokens. "
             "Details: [data/data_report.md](data/data_report.md).",
             "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from llmtune.config import load_recipe
 from llmtune.data.formats import read_source
@@ -62,10 +63,25 @@ def test_named_and_file_templates_and_errors(tiny_tokenizer, tmp_path):
     assert resolve_chat_template(tiny_tokenizer, str(jinja)).startswith("{% for m")
     with pytest.raises(TemplateError, match="neither a named template"):
         resolve_chat_template(tiny_tokenizer, "no-such-template")
-    # A template whose output for a prefix is not a prefix of the whole cannot be masked.
-    jinja.write_text("{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    # Fenced content is found even when the template is not prefix-stable...
+    jinja.write_text("{{ messages | length }}{% for m in messages %}{{ m['content'] | trim }}<|im_end|>{% endfor %}")
+    t = tokenize_conversation(tiny_tokenizer, CONV, jinja.read_text(), "assistant")
+    assert trained_text(tiny_tokenizer, t) == "Ahoy, deckhand.<|im_end|>North.<|im_end|>"
+    # ...but when it also rewrites the content (trim), neither method can find the turns.
+    padded = Conversation([Message("user", " hi "), Message("assistant", " yo ")])
     with pytest.raises(TemplateError, match="prefixes"):
-        tokenize_conversation(tiny_tokenizer, CONV, jinja.read_text(), "assistant")
+        tokenize_conversation(tiny_tokenizer, padded, jinja.read_text(), "assistant")
+
+
+@pytest.mark.parametrize("mask", ["assistant", "last", "all"])
+def test_marker_and_prefix_span_methods_agree(tiny_tokenizer, mask):
+    from llmtune.data.template import _spans_by_markers, _spans_by_prefixes, _trained_indices
+
+    template = resolve_chat_template(tiny_tokenizer, None)
+    trained = _trained_indices(CONV.messages, mask)
+    by_markers = _spans_by_markers(tiny_tokenizer, CONV.messages, template, trained, "<|im_end|>")
+    assert by_markers is not None
+    assert by_markers == _spans_by_prefixes(tiny_tokenizer, CONV.messages, template, trained)
 
 
 def test_end_of_turn_token_is_found_from_the_template(tiny_tokenizer):
@@ -232,3 +248,31 @@ def test_data_inspect_json_contract():
     assert out["quarantined"] == 8 and out["duplicates"] == 1
     res = run_cli("data", "inspect", str(DATA / "mara_vell_sharegpt.json"), "--model", "embedded:tiny-random-llama")
     assert res.returncode == 0 and "trained tokens" in res.stderr and "<|im_start|>assistant" in res.stderr
+
+
+def test_card_with_logs_and_weighted_sources_reconcile(tmp_path, tiny_recipe):
+    path = tiny_recipe(data={"val_fraction": 0.0, "max_seq_length": 2048})
+    doc = yaml.safe_load(path.read_text())
+    doc["data"]["sources"] = [
+        {"path": str(DATA / "orin_chats.jsonl"), "card": str(DATA / "card_orin.png"), "license": "CC0-1.0"},
+        {"path": str(DATA / "mara_vell.jsonl"), "max_samples": 20, "license": "CC0-1.0"},
+        {"path": str(DATA / "pippa_sample.jsonl"), "weight": 2.0, "license": "CC0-1.0"},
+    ]
+    path.write_text(yaml.safe_dump(doc))
+    p = prepare(load_recipe(path))
+    orin, mara, pippa = p.sources
+    assert orin.kept == 10 and orin.formats == {"openai+card": 10}
+    assert (mara.read, mara.kept, mara.sampled_out) == (80, 20, 60)
+    assert pippa.copies == pippa.kept == 5
+    c = p.counts
+    assert c["read"] == c["kept"] + c["quarantined"] + c["duplicates"] + c["sampled_out"]
+    assert c["train"] == c["kept"] + c["copies"]
+    first = json.loads(p.train_jsonl.read_text().splitlines()[0])
+    # The card is the system turn and its greeting the first assistant turn; creator notes never appear.
+    rows = [json.loads(line) for line in p.train_jsonl.read_text().splitlines()]
+    orin_rows = [r for r in rows if r["source"].endswith("orin_chats.jsonl")]
+    assert orin_rows and all(r["messages"][0]["role"] == "system" and "Orin" in r["messages"][0]["content"] for r in orin_rows)
+    assert all(r["messages"][1]["role"] == "assistant" for r in orin_rows)
+    assert "Not for prompts" not in p.train_jsonl.read_text()
+    assert first["messages"]
+    assert "sampled out 60" in p.report.read_text() and "weighted copies" in p.report.read_text()

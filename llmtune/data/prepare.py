@@ -18,7 +18,7 @@ from rich.progress import track
 from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.dedup import NearDuplicateIndex
-from llmtune.data.formats import read_source
+from llmtune.data.formats import apply_source_quota, read_data_source
 from llmtune.data.template import (
     IGNORE_INDEX,
     TokenizedConversation,
@@ -26,11 +26,16 @@ from llmtune.data.template import (
     fit_to_template,
     resolve_chat_template,
     tokenize_conversation,
+    tokenize_rendered,
+    trained_spans,
 )
 from llmtune.data.types import Conversation, Rejection
 from llmtune.errors import DataError, TemplateError
 from llmtune.models import load_tokenizer, resolve_base
 
+
+
+TOKENIZE_BATCH = 1024
 
 
 @dataclass
@@ -44,6 +49,8 @@ class SourceCounts:
     duplicates: int = 0
     truncated: int = 0
     reshaped: int = 0
+    sampled_out: int = 0  # left out by the source's max_samples / weight < 1
+    copies: int = 0  # extra training rows from weight > 1
     reasons: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)
 
@@ -110,7 +117,11 @@ class Collected:
 
 
 def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
-    """Read, validate, dedup, fit to the template, tokenize, mask and truncate every source."""
+    """Read, validate, dedup, weight, fit to the template, tokenize, mask and truncate every source.
+
+    Per source, three passes: rows -> unique conversations (bad rows to quarantine, repeats to
+    duplicates), then the source's quota (weight / max_samples), then templating and tokenizing
+    in batches. Counts reconcile: read = kept + quarantined + duplicates + sampled_out."""
     cfg = recipe.data
     kept: list[tuple[Conversation, TokenizedConversation]] = []
     rejections: list[Rejection] = []
@@ -120,25 +131,26 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
     per_source: list[SourceCounts] = []
 
     for src in cfg.sources:
-        path = recipe.resolve_path(src.path)
-        if not path.exists():
-            raise DataError(f"data.sources: file not found: {src.path} (resolved to {path})")
-        counts = SourceCounts(path=src.path, origin=src.origin, license=src.license)
+        counts = SourceCounts(path=src.path or src.card, origin=src.origin, license=src.license)
         per_source.append(counts)
         reasons: Counter[str] = Counter()
 
         def quarantine(item, reason: str, detail: str) -> None:
+            if isinstance(item, Conversation) and "copy" in item.meta:
+                return  # a weighted copy shares its original's fate, which is already counted
             rejections.append(item if isinstance(item, Rejection) else Rejection(item.source, item.line, reason, detail, ""))
             reasons[reason] += 1
 
-        rows = read_source(path, src.format, src.role_map)
-        for item in track(rows, description=f"reading {src.path}", console=console, transient=True):
+        # 1. Rows -> unique, valid conversations.
+        unique: list[Conversation] = []
+        rows = read_data_source(src, recipe.resolve_path)
+        for item in track(rows, description=f"reading {counts.path}", console=console, transient=True):
             counts.read += 1
             if isinstance(item, Rejection):
                 quarantine(item, item.reason, item.detail)
                 continue
-            where = f"{item.source}:{item.line}"
             if cfg.dedup != "none":
+                where = f"{item.source}:{item.line}"
                 h = item.content_hash
                 first = seen.get(h) or (near.check_and_add(where, item) if near else None)
                 if first is not None:
@@ -147,30 +159,47 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
                                        "kind": "exact" if h in seen else "near"})
                     continue
                 seen[h] = where
-            try:
-                messages, change = fit_to_template(tokenizer, item.messages, template)
-            except TemplateError as exc:
-                quarantine(item, "template_rejects", str(exc))
-                continue
-            if change:
-                item = Conversation(messages, item.source, item.line, {**item.meta, "reshaped": change})
-                counts.reshaped += 1
-            tok = tokenize_conversation(tokenizer, item, template, cfg.mask)
-            if len(tok.input_ids) > cfg.max_seq_length:
-                cut = _truncate_at_turn(tokenizer, item, template, cfg.mask, cfg.max_seq_length)
-                if cut is None:
-                    quarantine(item, "too_long", f"{len(tok.input_ids)} tokens; even the first assistant turn exceeds "
-                                                 f"data.max_seq_length={cfg.max_seq_length}")
+            unique.append(item)
+
+        # 2. The source's share of the mix.
+        if src.weight is not None or src.max_samples is not None:
+            chosen, left_out = apply_source_quota(unique, src.weight, src.max_samples, recipe.training.seed)
+            counts.sampled_out = len(left_out)
+        else:
+            chosen = unique
+
+        # 3. Template, mask and tokenize in batches; truncate at a turn boundary or quarantine.
+        for batch_start in range(0, len(chosen), TOKENIZE_BATCH):
+            rendered: list[tuple[Conversation, tuple[str, list[tuple[int, int]]]]] = []
+            for item in chosen[batch_start : batch_start + TOKENIZE_BATCH]:
+                try:
+                    messages, change = fit_to_template(tokenizer, item.messages, template)
+                    if change:
+                        item = Conversation(messages, item.source, item.line, {**item.meta, "reshaped": change})
+                        counts.reshaped += 1
+                    rendered.append((item, trained_spans(tokenizer, item.messages, template, cfg.mask)))
+                except TemplateError as exc:
+                    quarantine(item, "template_rejects", str(exc))
+            for (item, _), tok in zip(rendered, tokenize_rendered(tokenizer, [r for _, r in rendered])):
+                if len(tok.input_ids) > cfg.max_seq_length:
+                    cut = _truncate_at_turn(tokenizer, item, template, cfg.mask, cfg.max_seq_length)
+                    if cut is None:
+                        quarantine(item, "too_long", f"{len(tok.input_ids)} tokens; even the first assistant turn "
+                                                     f"exceeds data.max_seq_length={cfg.max_seq_length}")
+                        continue
+                    item, tok = cut
+                    counts.truncated += 1
+                if tok.trained_tokens == 0:
+                    quarantine(item, "no_trainable_tokens",
+                               f"data.mask={cfg.mask} leaves no token with loss in this conversation")
                     continue
-                item, tok = cut
-                counts.truncated += 1
-            if tok.trained_tokens == 0:
-                quarantine(item, "no_trainable_tokens", f"data.mask={cfg.mask} leaves no token with loss in this conversation")
-                continue
-            kept.append((item, tok))
-            counts.kept += 1
-            fmt = item.meta.get("format", src.format)
-            counts.formats[fmt] = counts.formats.get(fmt, 0) + 1
+                kept.append((item, tok))
+                if "copy" in item.meta:
+                    counts.copies += 1
+                    continue
+                counts.kept += 1
+                fmt = item.meta.get("format", src.format)
+                counts.formats[fmt] = counts.formats.get(fmt, 0) + 1
         counts.quarantined = sum(reasons.values())
         counts.reasons = dict(reasons)
     return Collected(kept, rejections, duplicates, per_source)
@@ -246,6 +275,8 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
         "kept": sum(s.kept for s in per_source),
         "quarantined": sum(s.quarantined for s in per_source),
         "duplicates": sum(s.duplicates for s in per_source),
+        "sampled_out": sum(s.sampled_out for s in per_source),
+        "copies": sum(s.copies for s in per_source),
         "truncated": sum(s.truncated for s in per_source),
         "reshaped": sum(s.reshaped for s in per_source),
         "train": len(kept["train"]),
@@ -254,7 +285,8 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
         "trained_tokens": sum(t.trained_tokens for _, t in kept["train"]),
         "max_tokens": max(lengths["train"] + lengths["val"]),
     }
-    assert counts["read"] == counts["kept"] + counts["quarantined"] + counts["duplicates"], counts
+    if counts["read"] != counts["kept"] + counts["quarantined"] + counts["duplicates"] + counts["sampled_out"]:
+        raise RuntimeError(f"bug: prepare's counts do not reconcile: {counts}")
 
     sample = kept["train"][0][1] if kept["train"] else kept["val"][0][1]
     report = data_dir / "data_report.md"
@@ -303,19 +335,20 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
     lines = [
         "# Data report",
         "",
-        f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}; "
-        f"{c['truncated']} truncated at a turn boundary.",
+        f"{reconciliation(c)}; {c['truncated']} truncated at a turn boundary, "
+        f"{c['reshaped']} reshaped to fit the chat template.",
         f"Split: {c['train']} train / {c['val']} validation conversations; "
         f"{c['train_tokens']:,} train tokens, {c['trained_tokens']:,} of them carry loss; longest {c['max_tokens']} tokens.",
         "",
-        "| source | origin | licence | read | kept | quarantined | duplicates | truncated | reasons |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| source | origin | licence | read | kept | quarantined | duplicates | sampled out | copies | truncated | reasons |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in prepared.sources:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.reasons.items())) or "-"
         lic = s.license or "**none declared**"
         lines.append(
-            f"| {s.path} | {s.origin or '-'} | {lic} | {s.read} | {s.kept} | {s.quarantined} | {s.duplicates} | {s.truncated} | {reasons} |"
+            f"| {s.path} | {s.origin or '-'} | {lic} | {s.read} | {s.kept} | {s.quarantined} | {s.duplicates} "
+            f"| {s.sampled_out} | {s.copies} | {s.truncated} | {reasons} |"
         )
     lines += [
         "",
@@ -333,11 +366,20 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
     prepared.report.write_text("\n".join(lines), encoding="utf-8")
 
 
+def reconciliation(c: dict) -> str:
+    """`read N = kept K + quarantined Q + duplicates D` (+ sampled out, + weighted copies when used)."""
+    text = f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}"
+    if c.get("sampled_out"):
+        text += f" + sampled out {c['sampled_out']}"
+    if c.get("copies"):
+        text += f"; {c['copies']} weighted copies added"
+    return text
+
+
 def _print_summary(p: PreparedData) -> None:
     c = p.counts
     console.print(
-        f"[bold]prepare[/]: read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} "
-        f"+ duplicates {c['duplicates']} ({c['truncated']} truncated); "
+        f"[bold]prepare[/]: {reconciliation(c)} ({c['truncated']} truncated); "
         f"train {c['train']} / val {c['val']}; {c['trained_tokens']:,} trained tokens"
     )
     if c["quarantined"]:
