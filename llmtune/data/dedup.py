@@ -5,25 +5,12 @@ from __future__ import annotations
 import re
 import zlib
 
+import numpy as np
+
 from llmtune.data.types import Conversation
 
 NUM_PERM = 64
-SHINGLE = 3
 _WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def shingles(conversation: Conversation) -> set[bytes]:
-    """Word 3-shingles of the dialogue. System turns are left out: a shared card or persona
-    prompt would otherwise make every chat with the same character look alike."""
-    words = _WORD.findall(" ".join(m.content for m in conversation.messages if m.role != "system").lower())
-    if len(words) < SHINGLE:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + SHINGLE]).encode() for i in range(len(words) - SHINGLE + 1)}
-
-
-def _crc32(data: bytes) -> int:
-    # Deterministic and ~10x cheaper than datasketch's default sha1 per shingle.
-    return zlib.crc32(data)
 
 
 class NearDuplicateIndex:
@@ -34,16 +21,33 @@ class NearDuplicateIndex:
         from datasketch import MinHash, MinHashLSH
 
         self.threshold = threshold
-        self.permutations = MinHash(num_perm=NUM_PERM, seed=1, scheme="affine32").permutations  # drawn once, shared
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-        self.keys: dict[str, str] = {}
+        # Drawn once and shared: datasketch would otherwise redraw them for every MinHash.
+        self.permutations = MinHash(num_perm=NUM_PERM, seed=1, scheme="affine32").permutations
+        self._word_hash: dict[str, int] = {}
+
+    def shingle_hashes(self, conversation: Conversation) -> list[int]:
+        """32-bit hashes of the dialogue's word 3-shingles. System turns are left out: a shared
+        card or persona prompt would otherwise make every chat with one character look alike.
+        Words are hashed once (crc32, deterministic) and combined with numpy, not per shingle."""
+        text = " ".join(m.content for m in conversation.messages if m.role != "system").lower()
+        words = _WORD.findall(text)
+        cache = self._word_hash
+        ids = np.fromiter(
+            (cache[w] if w in cache else cache.setdefault(w, zlib.crc32(w.encode())) for w in words),
+            dtype=np.uint64, count=len(words),
+        )
+        if len(ids) < 3:
+            return [int(zlib.crc32(" ".join(words).encode()))]
+        mixed = (ids[:-2] * np.uint64(0x9E3779B1) + ids[1:-1] * np.uint64(0x85EBCA77) + ids[2:]) & np.uint64(0xFFFFFFFF)
+        return np.unique(mixed).tolist()
 
     def check_and_add(self, key: str, conversation: Conversation) -> str | None:
         """The key of an earlier near-duplicate, or None (and the conversation is indexed)."""
         from datasketch import MinHash
 
-        mh = MinHash(num_perm=NUM_PERM, hashfunc=_crc32, permutations=self.permutations, scheme="affine32")
-        mh.update_batch(list(shingles(conversation)))
+        mh = MinHash(num_perm=NUM_PERM, hashfunc=int, permutations=self.permutations, scheme="affine32")
+        mh.update_batch(self.shingle_hashes(conversation))
         hits = self.lsh.query(mh)
         if hits:
             return sorted(hits)[0]

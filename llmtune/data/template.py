@@ -38,10 +38,11 @@ NAMED_TEMPLATES = {
 class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
+    trained_tokens: int = -1  # computed on creation
 
-    @property
-    def trained_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+    def __post_init__(self) -> None:
+        if self.trained_tokens < 0:
+            self.trained_tokens = len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 def resolve_chat_template(tokenizer: "PreTrainedTokenizerBase", spec: str | None, recipe_dir: Path | None = None) -> str:
@@ -150,11 +151,19 @@ class ChatRenderer:
 _RENDERERS: dict[str, ChatRenderer] = {}
 
 
+_LAST_RENDER: list = [None, ""]  # (key, text): prepare renders each conversation twice in a row
+
+
 def _render(tokenizer, messages: list[Message], template: str, add_generation_prompt: bool = False) -> str:
+    key = (id(tokenizer), template, tuple(messages), add_generation_prompt)
+    if _LAST_RENDER[0] == key:
+        return _LAST_RENDER[1]
     renderer = _RENDERERS.get(template)
     if renderer is None or renderer.tokenizer is not tokenizer:
         renderer = _RENDERERS[template] = ChatRenderer(tokenizer, template)
-    return renderer(messages, add_generation_prompt)
+    text = renderer(messages, add_generation_prompt)
+    _LAST_RENDER[:] = [key, text]
+    return text
 
 
 def render(tokenizer, conversation: Conversation, template: str, add_generation_prompt: bool = False) -> str:
@@ -232,26 +241,28 @@ def trained_spans(tokenizer, messages: list[Message], template: str, mask: str) 
     return found if found is not None else _spans_by_prefixes(tokenizer, messages, template, trained)
 
 
-def label_tokens(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
-    """Labels for one encoding: the token id where the token starts inside a trained span, else IGNORE_INDEX."""
-    import numpy as np
-
-    ids_a = np.asarray(ids, dtype=np.int64)
-    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    labels = np.full(len(ids_a), IGNORE_INDEX, dtype=np.int64)
+def label_tokens(encoding, spans: list[tuple[int, int]]) -> list[int]:
+    """Labels for one `tokenizers.Encoding`: the token id where the token starts inside a trained
+    span, else IGNORE_INDEX. Only the tokens at span edges are looked up, not every offset."""
+    ids = encoding.ids
+    labels = [IGNORE_INDEX] * len(ids)
     for start, end in spans:
-        inside = (off[:, 0] >= start) & (off[:, 0] < end) & (off[:, 1] > off[:, 0])
-        labels[inside] = ids_a[inside]
-    return labels.tolist()
+        first = encoding.char_to_token(start)
+        if first is None:
+            continue
+        if encoding.token_to_chars(first)[0] < start:  # token straddles the span start
+            first += 1
+        last = encoding.char_to_token(end - 1)
+        if last is None or last < first:
+            continue
+        labels[first : last + 1] = ids[first : last + 1]
+    return labels
 
 
 def tokenize_rendered(tokenizer: "PreTrainedTokenizerBase", rendered: list[tuple[str, list[tuple[int, int]]]]) -> list[TokenizedConversation]:
     """Tokenize many (text, trained spans) pairs in one batch (the Rust tokenizer uses every core)."""
     encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    return [
-        TokenizedConversation(input_ids=list(enc.ids), labels=label_tokens(enc.ids, enc.offsets, spans))
-        for enc, (_, spans) in zip(encodings, rendered)
-    ]
+    return [TokenizedConversation(input_ids=enc.ids, labels=label_tokens(enc, spans)) for enc, (_, spans) in zip(encodings, rendered)]
 
 
 def tokenize_conversation(
