@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from llmtune.config import load_recipe
 from llmtune.data.prepare import prepare
