@@ -13,7 +13,7 @@ from llmtune.data.types import Message
 from llmtune.export.merge import MergeError, merge
 from llmtune.export.presets import export_for_apps, role_sequences
 from llmtune.train.sft import train
-from tests.conftest import DATA, MEMORISE, write_conversations
+from tests.conftest import DATA
 
 
 def test_lora_merge_matches_base_plus_adapter_and_stops_at_end_of_turn(memorised_run):
