@@ -109,3 +109,9 @@ def test_data_paths_resolve_beside_the_recipe_or_from_the_working_dir(tmp_path, 
     assert r.resolve_path("local.jsonl") == (tmp_path / "local.jsonl").resolve()
     monkeypatch.chdir(REPO)
     assert r.resolve_path("data/roleplay/mara_vell.jsonl") == (REPO / "data/roleplay/mara_vell.jsonl").resolve()
+
+
+def test_recipe_reference_doc_is_current():
+    from llmtune.recipe_docs import render
+
+    assert (REPO / "docs" / "recipes.md").read_text() == render(), "run: python -m llmtune.recipe_docs > docs/recipes.md"
