@@ -114,6 +114,89 @@ def merge(
     _call(lambda: merge_stage(_recipe(run, overrides)))
 
 
+@app.command(epilog="Example: `llmtune serve runs/demo-cpu --config serve/gateway.example.yaml --port 8000`")
+def serve(
+    target: Path = typer.Argument(..., help="Run directory (serves merged/ or base + adapter/) or model directory."),
+    adapter: list[str] = typer.Option(None, "--adapter", help="Extra LoRA adapter as name=path (repeatable)."),
+    config: Path = typer.Option(None, "--config", help="Gateway config YAML (see serve/gateway.example.yaml)."),
+    port: int = typer.Option(None, help="Gateway port (overrides the config)."),
+    host: str = typer.Option(None, help="Gateway bind address (overrides the config)."),
+    eager: bool = typer.Option(True, "--eager/--no-eager", help="vLLM --enforce-eager (CPU: ready in ~30 s)."),
+    tensor_parallel_size: int = typer.Option(1, "--tp", help="vLLM tensor-parallel size (GPUs)."),
+    max_model_len: int = typer.Option(2048, help="vLLM context length."),
+) -> None:
+    """Serve a model: vLLM on loopback behind the moderated, authenticated OpenAI-compatible gateway."""
+    from llmtune.serve.config import load_serve_config
+    from llmtune.serve.run import ServeRequest, serve as serve_stage
+
+    def go():
+        cfg = load_serve_config(config)
+        if port:
+            cfg.port = port
+        if host:
+            cfg.host = host
+        extra = {}
+        for item in adapter or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not Path(path).is_dir():
+                _exit_with(f"--adapter {item}: expected name=path to an adapter directory")
+            extra[name] = path
+        serve_stage(ServeRequest(target, cfg, extra, enforce_eager=eager, tensor_parallel_size=tensor_parallel_size,
+                                 max_model_len=max_model_len))
+
+    _call(go)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the gateway (stored hashed, bound to age verification).")
+app.add_typer(keys_app, name="keys")
+KeysFile = typer.Option("serve/keys.json", "--keys-file", help="Key store (the serve config's keys_file).")
+
+
+@keys_app.command("add", epilog="Example: `llmtune keys add alice --age-verified-by id-document --verifier ops@example.org`")
+def keys_add(
+    name: str = typer.Argument(..., help="Who the key is for."),
+    age_verified_by: str = typer.Option(None, "--age-verified-by", help="How the holder's adult age was verified."),
+    verifier: str = typer.Option("operator", help="Who verified it."),
+    date: str = typer.Option(None, help="When (ISO date; default today)."),
+    keys_file: Path = KeysFile,
+) -> None:
+    """Create a key; prints it once. Without --age-verified-by the key is refused (403) until replaced."""
+    import datetime as dt
+
+    from llmtune.serve.keys import AgeVerification, KeyStore
+
+    def go():
+        verification = None
+        if age_verified_by:
+            verification = AgeVerification(age_verified_by, verifier, date or dt.date.today().isoformat())
+        key, record = KeyStore(keys_file).add(name, verification)
+        print(key)
+        err_note = "" if verification else " (no age verification: requests with it get 403)"
+        print(f"key {record.id} for {name} stored hashed in {keys_file}{err_note}; it is not shown again", file=sys.stderr)
+
+    _call(go)
+
+
+@keys_app.command("list", epilog="Example: `llmtune keys list`")
+def keys_list(keys_file: Path = KeysFile) -> None:
+    """Keys with their ids, status and age-verification records (never the keys themselves)."""
+    from llmtune.serve.keys import KeyStore
+
+    for r in _call(lambda: KeyStore(keys_file)).records:
+        av = r.age_verification
+        verified = f"verified by {av.method} ({av.verifier}, {av.date})" if av else "NOT age-verified"
+        print(f"{r.id}\t{r.name}\t{'revoked' if r.revoked else 'live'}\t{verified}\tcreated {r.created}")
+
+
+@keys_app.command("revoke", epilog="Example: `llmtune keys revoke alice`")
+def keys_revoke(name_or_id: str = typer.Argument(...), keys_file: Path = KeysFile) -> None:
+    """Revoke a key by name or id (requests with it get 401)."""
+    from llmtune.serve.keys import KeyStore
+
+    r = _call(lambda: KeyStore(keys_file).revoke(name_or_id))
+    print(f"revoked {r.id} ({r.name})", file=sys.stderr)
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at data files before training on them.")
 app.add_typer(data_app, name="data")
 

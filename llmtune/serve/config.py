@@ -1,0 +1,60 @@
+"""The gateway's configuration file (serve/gateway.example.yaml documents every key)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmtune.errors import LlmtuneError
+from llmtune.moderation.policy import ModerationConfig
+
+
+class ServeConfigError(LlmtuneError):
+    """The serve config file is unreadable or invalid."""
+
+
+class RateLimit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: int = Field(60, gt=0, description="Requests a key may start per minute (token bucket).")
+    burst: int = Field(10, gt=0, description="Requests a key may make at once before the per-minute rate applies.")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Gateway bind address; 0.0.0.0 to expose it. vLLM always binds loopback.")
+    port: int = Field(8000, gt=0, lt=65536, description="Gateway port (the one chat apps use).")
+    keys_file: str = Field("serve/keys.json", description="Hashed API keys with their age-verification records.")
+    audit_log: str = Field("serve/audit.jsonl", description="One JSON line per moderation decision.")
+    audit_content: bool = Field(False, description="Also write the screened text into the audit log (off: a hash only).")
+    rate_limit: RateLimit = Field(default_factory=RateLimit, description="Default per-key rate limit.")
+    key_rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Per-key-name overrides.")
+    max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413 beyond).")
+    max_header_bytes: int = Field(16_384, gt=0, description="Largest request header block accepted.")
+    max_tokens_limit: int = Field(2048, gt=0, description="Largest max_tokens a request may ask for.")
+    screen_window_chars: int = Field(
+        64, gt=0, description="Streamed output is released to the client in pieces of about this many characters, each screened first."
+    )
+    screen_context_chars: int = Field(
+        400, ge=0, description="Already released text screened again with each new piece, so content split across pieces is caught."
+    )
+    upstream_timeout_s: float = Field(300, gt=0, description="Longest wait for vLLM on one request.")
+    moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+
+
+def load_serve_config(path: str | Path | None) -> ServeConfig:
+    if path is None:
+        return ServeConfig()
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return ServeConfig.model_validate(doc)
+    except OSError as exc:
+        raise ServeConfigError(f"cannot read serve config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ServeConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in exc.errors())
+        raise ServeConfigError(f"{path}: {problems}") from None

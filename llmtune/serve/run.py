@@ -1,0 +1,121 @@
+"""`llmtune serve`: vLLM on loopback + the moderated gateway on the public port, one command.
+
+Entry point: `serve(ServeRequest)`. A run directory serves its merged model when there is one,
+else its base with the adapter; a model directory serves as is; `--adapter name=path` adds
+LoRA adapters by model name. Ctrl-C stops the gateway and vLLM cleanly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmtune.console import console
+from llmtune.errors import LlmtuneError
+from llmtune.serve.config import ServeConfig
+from llmtune.serve.vllm_server import VLLMConfig, VLLMServer
+
+
+@dataclass
+class ServeRequest:
+    target: Path
+    config: ServeConfig
+    adapters: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048
+    dtype: str = "auto"
+
+
+def vllm_config_for(req: ServeRequest) -> VLLMConfig:
+    """What vLLM should load for a run directory or a model directory."""
+    from llmtune.config import load_recipe
+    from llmtune.models import device_type, resolve_base
+
+    target = req.target
+    adapters = dict(req.adapters)
+    if (target / "recipe.yaml").exists():  # a run directory
+        recipe = load_recipe(target / "recipe.yaml")
+        name = req.name or recipe.name
+        if (target / "merged" / "config.json").exists():
+            model, served = str(target / "merged"), name
+        elif (target / "adapter" / "adapter_config.json").exists():
+            model, served = resolve_base(recipe.model.base, recipe.model.revision), f"{name}-base"
+            adapters.setdefault(name, str(target / "adapter"))
+        else:
+            raise LlmtuneError(f"{target} has neither merged/ nor adapter/; train (and merge) first")
+    elif (target / "config.json").exists():
+        model, served = str(target), req.name or target.name
+    else:
+        raise LlmtuneError(f"{target} is neither a run directory (recipe.yaml) nor a model directory (config.json)")
+    dtype = req.dtype if req.dtype != "auto" else ("float32" if device_type() == "cpu" else "auto")
+    rank = max([_adapter_rank(p) for p in adapters.values()] or [16])
+    return VLLMConfig(model=model, served_name=served, adapters=adapters, max_lora_rank=rank, dtype=dtype,
+                      enforce_eager=req.enforce_eager, tensor_parallel_size=req.tensor_parallel_size,
+                      max_model_len=req.max_model_len)
+
+
+def _adapter_rank(path: str) -> int:
+    import json
+
+    r = json.loads((Path(path) / "adapter_config.json").read_text()).get("r", 16)
+    return next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)
+
+
+def serve(req: ServeRequest) -> None:
+    import uvicorn
+
+    from llmtune.moderation import load_screener
+    from llmtune.serve.gateway import create_app
+    from llmtune.serve.keys import KeyStore
+
+    cfg = req.config
+    keys = KeyStore(cfg.keys_file)
+    if not any(k.age_verification and not k.revoked for k in keys.records):
+        console.print(f"[yellow]warning[/]: no age-verified key in {cfg.keys_file}; every request will be refused. "
+                      "Add one: llmtune keys add NAME --age-verified-by METHOD")
+    screener = load_screener(cfg.moderation)
+    vcfg = vllm_config_for(req)
+    console.print(f"[bold]serve[/]: starting vLLM on loopback ({vcfg.model}) ...")
+    with VLLMServer(vcfg) as server:
+        served = [vcfg.served_name, *vcfg.adapters]
+        console.print(f"  vLLM ready at {server.base_url} (loopback only); models: {', '.join(served)}")
+        app = create_app(cfg, server.base_url, screener, keys)
+        console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops both)")
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
+                    h11_max_incomplete_event_size=cfg.max_header_bytes)
+    console.print("stopped")
+
+
+class GatewayThread:
+    """The gateway app on loopback in a background thread (tests, `llmtune chat RUN_DIR`)."""
+
+    def __init__(self, app, port: int = 0, max_header_bytes: int = 16_384):
+        import threading
+
+        import uvicorn
+
+        from llmtune.serve.vllm_server import LOOPBACK, free_port
+
+        self.port = port or free_port()
+        self.base_url = f"http://{LOOPBACK}:{self.port}"
+        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning",
+                                h11_max_incomplete_event_size=max_header_bytes)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "GatewayThread":
+        import time
+
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise LlmtuneError("the gateway did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
