@@ -147,6 +147,22 @@ def serve(
     _call(go)
 
 
+@app.command(epilog="Example: `llmtune chat runs/demo-cpu --card data/roleplay/card_orin.png`")
+def chat(
+    target: str = typer.Argument(..., help="Run directory (starts vLLM + gateway for the session) or gateway URL."),
+    card: Path = typer.Option(None, "--card", help="Character card (PNG/JSON): its persona and greeting."),
+    key: str = typer.Option(None, "--key", help="API key for a URL (default: $LLMTUNE_API_KEY)."),
+    model: str = typer.Option(None, "--model", help="Model name (default: the first the server lists)."),
+    system: str = typer.Option(None, "--system", help="System prompt when there is no card."),
+    max_tokens: int = typer.Option(200, help="Reply token limit."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature."),
+) -> None:
+    """Chat in the terminal with streaming replies; /reset, /save FILE, /system TEXT, /quit."""
+    from llmtune.serve.chat import run_chat
+
+    _call(lambda: run_chat(target, card, key, model, system, max_tokens, temperature))
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the gateway (stored hashed, bound to age verification).")
 app.add_typer(keys_app, name="keys")
 KeysFile = typer.Option("serve/keys.json", "--keys-file", help="Key store (the serve config's keys_file).")

@@ -146,3 +146,22 @@ def test_health_and_metrics(stack):
     assert httpx.get(f"{gw}/health").json() == {"status": "ok", "upstream": True}
     metrics = httpx.get(f"{gw}/metrics").text
     assert "llmtune_gateway_requests_total" in metrics and "llmtune_gateway_blocks_total" in metrics
+
+
+def test_terminal_chat_streams_saves_and_resets_through_the_gateway(stack, tmp_path):
+    from llmtune.serve.chat import ChatSession, chat_loop, persona_from_card
+    from tests.conftest import DATA
+
+    out: list[str] = []
+    session = ChatSession("mara", system="You are Mara.")
+    saved = tmp_path / "chat.json"
+    chat_loop(client(stack["gw"], stack["key"]), session,
+              ["What is the ship called?", f"/save {saved}", BLOCKED_REQUEST, "/reset", "/quit", "never sent"],
+              out.append, max_tokens=24, temperature=0)
+    text = "".join(out)
+    assert "Kestrel" in text and "(refused:" in text and "(new chat)" in text
+    history = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in history] == ["system", "user", "assistant"]
+    assert session.messages == [{"role": "system", "content": "You are Mara."}]
+    system, greeting = persona_from_card(DATA / "card_orin.png")
+    assert "Orin" in system and greeting and "Not for prompts" not in system
