@@ -1,0 +1,82 @@
+"""Gateway overhead against direct vLLM, measured in the same run on the same server.
+
+    .venv/bin/python bench/gateway_speed.py [--model embedded:smollm2-135m-instruct] [--requests 20]
+
+One vLLM server (CPU: float32, eager) on loopback; the gateway (real screen, real keys) in
+front of it. For 32-token chat completions (ignore_eos, so every reply is 32 tokens):
+p50 latency of single requests (direct and gateway interleaved), then throughput at
+concurrency 8. Targets: p50 ratio <= 1.10, throughput ratio >= 0.90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from openai import OpenAI
+
+CHAT = [{"role": "system", "content": "You are Captain Mara Vell of the airship Kestrel."},
+        {"role": "user", "content": "Tell me about the ship, deckhand style."}]
+
+
+def one(client: OpenAI, model: str, tokens: int) -> float:
+    start = time.perf_counter()
+    r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=tokens, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == tokens, r.usage
+    return time.perf_counter() - start
+
+
+def throughput(client: OpenAI, model: str, tokens: int, concurrency: int, total: int) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: one(client, model, tokens), range(total)))
+    return total * tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args()
+
+    from llmtune.models import resolve_base
+    from llmtune.moderation import load_screener
+    from llmtune.serve.config import RateLimit, ServeConfig
+    from llmtune.serve.gateway import create_app
+    from llmtune.serve.keys import AgeVerification, KeyStore
+    from llmtune.serve.run import GatewayThread
+    from llmtune.serve.vllm_server import VLLMConfig, VLLMServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ServeConfig(keys_file=f"{tmp}/keys.json", audit_log=f"{tmp}/audit.jsonl",
+                          rate_limit=RateLimit(requests_per_minute=100_000, burst=1000))
+        keys = KeyStore(cfg.keys_file)
+        key, _ = keys.add("bench", AgeVerification("bench", "bench", "2026-11-25"))
+        vcfg = VLLMConfig(model=resolve_base(args.model), served_name="m", dtype="float32", max_model_len=1024)
+        with VLLMServer(vcfg) as vllm, GatewayThread(create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys)) as gw:
+            direct = OpenAI(base_url=f"{vllm.base_url}/v1", api_key="x", max_retries=0)
+            gateway = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
+            for c in (direct, gateway):  # warm up both paths
+                one(c, "m", args.tokens)
+            lat_d, lat_g = [], []
+            for _ in range(args.requests):
+                lat_d.append(one(direct, "m", args.tokens))
+                lat_g.append(one(gateway, "m", args.tokens))
+            p50_d, p50_g = statistics.median(lat_d), statistics.median(lat_g)
+            total = args.concurrency * 4
+            tput_d = throughput(direct, "m", args.tokens, args.concurrency, total)
+            tput_g = throughput(gateway, "m", args.tokens, args.concurrency, total)
+    print(f"model {args.model}, {args.tokens}-token chat completions, vLLM CPU float32 eager")
+    print(f"p50 latency: direct {p50_d * 1000:.0f} ms, gateway {p50_g * 1000:.0f} ms -> ratio {p50_g / p50_d:.3f} (target <= 1.10)")
+    print(f"throughput at concurrency {args.concurrency}: direct {tput_d:.1f} tok/s, gateway {tput_g:.1f} tok/s "
+          f"-> ratio {tput_g / tput_d:.3f} (target >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
