@@ -29,6 +29,8 @@ endif
 
 demo: install
 	$(BIN)/llmtune run recipes/demo-cpu.yaml
+	# Serve the run (vLLM on loopback + the moderated gateway), chat once through it, shut down.
+	$(BIN)/llmtune chat runs/demo-cpu --temperature 0 --max-tokens 64 -m "Hello! Who are you?"
 
 test: install
 	$(BIN)/python -m pytest -q tests

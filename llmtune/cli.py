@@ -156,11 +156,12 @@ def chat(
     system: str = typer.Option(None, "--system", help="System prompt when there is no card."),
     max_tokens: int = typer.Option(200, help="Reply token limit."),
     temperature: float = typer.Option(0.8, help="Sampling temperature."),
+    message: list[str] = typer.Option(None, "--message", "-m", help="Send this message (repeatable), print the reply, exit."),
 ) -> None:
     """Chat in the terminal with streaming replies; /reset, /save FILE, /system TEXT, /quit."""
     from llmtune.serve.chat import run_chat
 
-    _call(lambda: run_chat(target, card, key, model, system, max_tokens, temperature))
+    _call(lambda: run_chat(target, card, key, model, system, max_tokens, temperature, message))
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the gateway (stored hashed, bound to age verification).")

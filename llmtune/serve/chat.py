@@ -114,11 +114,15 @@ def _stdin_lines() -> Iterable[str]:
 
 
 def run_chat(target: str, card: Path | None, key: str | None, model: str | None, system: str | None,
-             max_tokens: int, temperature: float) -> None:
+             max_tokens: int, temperature: float, messages: list[str] | None = None) -> None:
+    """Interactive unless `messages` are given: then each is sent in turn and the chat ends."""
     from openai import OpenAI
 
     def write(text: str) -> None:
         console.print(text, end="", markup=False, highlight=False)
+
+    if persona is None and not target.startswith(("http://", "https://")):
+        persona = _run_system_prompt(Path(target))
 
     persona, greeting = persona_from_card(card) if card else (system, None)
     sampling = {"max_tokens": max_tokens, "temperature": temperature}
@@ -126,13 +130,28 @@ def run_chat(target: str, card: Path | None, key: str | None, model: str | None,
         client = OpenAI(base_url=target.rstrip("/") + ("" if target.rstrip("/").endswith("/v1") else "/v1"),
                         api_key=key or os.environ.get("LLMTUNE_API_KEY", ""), max_retries=0)
         session = ChatSession(model or client.models.list().data[0].id, persona, greeting)
-        console.print(f"[dim]{HELP}[/]")
-        chat_loop(client, session, _stdin_lines(), write, **sampling)
+        lines = messages if messages else _interactive(client, session)
+        chat_loop(client, session, lines, write, **sampling)
         return
-    _chat_with_run(Path(target), persona, greeting, model, write, sampling)
+    _chat_with_run(Path(target), persona, greeting, model, write, sampling, messages)
 
 
-def _chat_with_run(run_dir: Path, persona, greeting, model, write, sampling) -> None:
+def _run_system_prompt(run_dir: Path) -> str | None:
+    """The persona the run was trained with: the system turn of its first training conversation."""
+    train = run_dir / "data" / "train.jsonl"
+    if not train.exists():
+        return None
+    with train.open(encoding="utf-8") as f:
+        first = json.loads(f.readline() or "{}").get("messages", [])
+    return first[0]["content"] if first and first[0]["role"] == "system" else None
+
+
+def _interactive(client, session) -> Iterable[str]:
+    console.print(f"[dim]{HELP}[/]")
+    return _stdin_lines()
+
+
+def _chat_with_run(run_dir: Path, persona, greeting, model, write, sampling, messages) -> None:
     import tempfile
 
     from openai import OpenAI
@@ -154,5 +173,7 @@ def _chat_with_run(run_dir: Path, persona, greeting, model, write, sampling) -> 
             client = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
             served = model or (next(iter(vcfg.adapters)) if vcfg.adapters else vcfg.served_name)
             session = ChatSession(served, persona, greeting)
-            console.print(f"[dim]{HELP}[/]")
-            chat_loop(client, session, _stdin_lines(), write, **sampling)
+            for line in messages or []:
+                write(f"you> {line}\n")
+            lines = messages if messages else _interactive(client, session)
+            chat_loop(client, session, lines, write, **sampling)
