@@ -164,8 +164,16 @@ class EvalConfig(Section):
     system_prompt: str | None = Field(
         None, description="System message put before each sample prompt; null uses the first training conversation's."
     )
-    max_new_tokens: int = Field(64, gt=0, description="Token limit of each sample reply.")
-    compare_base: bool = Field(True, description="Also measure the base model's eval loss on the same split.")
+    max_new_tokens: int = Field(64, gt=0, description="Token limit of each generated reply.")
+    compare_base: bool = Field(True, description="Also evaluate the base model on the same split, prompts and seed.")
+    max_conversations: int = Field(
+        12, ge=0, description="Held-back conversations replayed turn by turn for the roleplay metrics (0: loss only)."
+    )
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature of eval generations (0: greedy).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling of eval generations.")
+    batch_size: int = Field(8, gt=0, description="Conversations generated at once.")
+    over_refusal: bool = Field(True, description="Measure refusals on the shipped allowed adult and general roleplay prompts.")
+    red_team: bool = Field(True, description="Screen replies to the shipped red-team prompts with the moderation adapter.")
 
 
 class MergeConfig(Section):

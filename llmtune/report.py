@@ -96,23 +96,60 @@ def write_run_report(recipe) -> Path:
     eval_json = run_dir / "eval.json"
     e = json.loads(eval_json.read_text()) if eval_json.exists() else None
     if e:
-        b, f = e["base"], e["finetuned"]
-        lines += ["## Evaluation (held-back split)", "", "| metric | base | fine-tune | delta |", "|---|---|---|---|"]
-        for name, key in (("eval loss", "eval_loss"), ("perplexity", "perplexity")):
-            if b:
-                lines.append(f"| {name} | {b[key]:.4f} | {f[key]:.4f} | {f[key] - b[key]:+.4f} |")
-            else:
-                lines.append(f"| {name} | - | {f[key]:.4f} | - |")
+        from llmtune.eval.evaluate import EvalResult, ModelScores, rows
+
+        result = EvalResult(run_dir, ModelScores(**e["base"]) if e["base"] else None, ModelScores(**e["finetuned"]),
+                            e["prompts"], e["seconds"])
+        lines += ["## Evaluation (base vs fine-tune: same prompts, same seed)", "", "| metric | base | fine-tune | delta |",
+                  "|---|---|---|---|"]
+        lines += [f"| {a} | {b_} | {c} | {d} |" for a, b_, c, d in rows(result)]
+        lines += ["", "Metric definitions: docs/evaluation.md in the llmtune repository."]
+        for png in ("eval_distinct2.png", "eval_lengths.png"):
+            if (run_dir / png).exists():
+                lines += ["", f"![{png}]({png})"]
         lines += ["", "### Sample replies", ""]
-        for i, prompt in enumerate(e["prompts"]):
+        b, f = result.base, result.finetuned
+        for i, prompt in enumerate(result.prompts):
             lines.append(f"**user:** {prompt}  ")
             if b:
-                lines.append(f"**base:** {b['replies'][i]}  ")
-            lines += [f"**fine-tune:** {f['replies'][i]}", ""]
+                lines.append(f"**base:** {b.replies[i]}  ")
+            lines += [f"**fine-tune:** {f.replies[i]}", ""]
+        if f.conversations:
+            lines += ["### Side by side: held-back conversations replayed", ""]
+            for i, conv in enumerate(f.conversations):
+                base_conv = b.conversations[i] if b and i < len(b.conversations) else []
+                lines += ["| turn | base | fine-tune |", "|---|---|---|"]
+                for j, msg in enumerate(conv):
+                    if msg["role"] == "system":
+                        continue
+                    theirs = base_conv[j]["content"] if msg["role"] == "assistant" and j < len(base_conv) else msg["content"]
+                    lines.append(f"| {msg['role']} | {_cell(theirs)} | {_cell(msg['content'])} |")
+                lines.append("")
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     # The loss curve is redrawn with the base model's eval loss for reference.
     if metrics:
         base = e["base"] if e else None
         plot_loss_curve(metrics, run_dir / "loss_curve.png", base["eval_loss"] if base else None)
+    return out
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def plot_side_by_side(series: dict[str, list[float]], out: Path, title: str, xlabel: str) -> Path:
+    """Overlaid histograms of one metric per model (base vs fine-tune)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for (name, values), color in zip(series.items(), ("#999999", "#228833", "#4477aa")):
+        if values:
+            ax.hist(values, bins=20, alpha=0.6, label=name, color=color)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("replies")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
     return out
