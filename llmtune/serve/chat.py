@@ -121,10 +121,9 @@ def run_chat(target: str, card: Path | None, key: str | None, model: str | None,
     def write(text: str) -> None:
         console.print(text, end="", markup=False, highlight=False)
 
+    persona, greeting = persona_from_card(card) if card else (system, None)
     if persona is None and not target.startswith(("http://", "https://")):
         persona = _run_system_prompt(Path(target))
-
-    persona, greeting = persona_from_card(card) if card else (system, None)
     sampling = {"max_tokens": max_tokens, "temperature": temperature}
     if target.startswith(("http://", "https://")):
         client = OpenAI(base_url=target.rstrip("/") + ("" if target.rstrip("/").endswith("/v1") else "/v1"),
