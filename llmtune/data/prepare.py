@@ -31,6 +31,7 @@ from llmtune.data.template import (
 )
 from llmtune.data.types import Conversation, Rejection
 from llmtune.errors import DataError, TemplateError
+from llmtune.storage import ensure_writable
 from llmtune.models import load_tokenizer, resolve_base
 
 
@@ -214,7 +215,10 @@ def load_template(recipe: Recipe):
 
 def prepare(recipe: Recipe) -> PreparedData:
     data_dir = recipe.run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    inputs = sum(recipe.resolve_path(s.path).stat().st_size for s in recipe.data.sources
+                 if s.path and recipe.resolve_path(s.path).is_file())
+    # Splits (JSONL + tokenized Arrow) take a few times the input; checked before reading anything.
+    ensure_writable(data_dir, 4 * inputs + 2**20, "the prepared data")
     cfg = recipe.data
     tokenizer, template = load_template(recipe)
     eot = end_of_turn_token(tokenizer, template)

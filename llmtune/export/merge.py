@@ -24,7 +24,8 @@ from llmtune.config import Recipe
 from llmtune.console import console
 from llmtune.data.prepare import PreparedData
 from llmtune.errors import LlmtuneError
-from llmtune.models import Placement, load_base_model, load_tokenizer, placement_for
+from llmtune.models import Placement, load_base_model, load_tokenizer, placement_for, resolve_base
+from llmtune.storage import ensure_writable, model_bytes
 
 
 class MergeError(LlmtuneError):
@@ -126,6 +127,9 @@ def merge(recipe: Recipe) -> MergeResult:
     full = Placement(trained.device, trained.dtype, trained.compute_dtype, qlora=False)
     roundtrip = recipe.merge.nf4_roundtrip if recipe.merge.nf4_roundtrip is not None else trained.qlora
     tokenizer = load_tokenizer(str(adapter_dir))
+    base_bytes = model_bytes(resolve_base(recipe.model.base, recipe.model.revision))
+    # The merged copy can be up to twice the base on disk (a bf16 checkpoint merged in fp32 on CPU).
+    ensure_writable(run_dir, 2 * base_bytes + 2**20, "the merged model")
     batches = _prompt_batches(tokenizer, recipe, prepared)
     console.print(
         f"[bold]merge[/]: {recipe.model.base} + adapter in {str(full.dtype).removeprefix('torch.')}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.prepare import PreparedData
+from llmtune.storage import ensure_writable
 from llmtune.models import load_base_model, load_tokenizer, placement_for, resolve_base
 
 
@@ -177,6 +178,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
+    # Adapter + AdamW moments in fp32 per checkpoint, kept save_total_limit (+1 while rotating) times.
+    ensure_writable(ckpt_dir, (tcfg.save_total_limit + 2) * trainable * 4 * 4 + 2**20, "checkpoints and the adapter")
     console.print(
         f"[bold]train[/]: {cfg.model.base} on {device} ({threads} threads), {str(dtype).removeprefix('torch.')}"
         f"{', QLoRA NF4 base, compute ' + str(compute_dtype).removeprefix('torch.') if qlora else ', LoRA'}; "
