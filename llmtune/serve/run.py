@@ -13,7 +13,7 @@ from pathlib import Path
 from llmtune.console import console
 from llmtune.errors import LlmtuneError
 from llmtune.serve.config import ServeConfig
-from llmtune.serve.vllm_server import VLLMConfig, VLLMServer
+from llmtune.serve.vllm_server import VLLMConfig, VLLMServer, VLLMSupervisor
 
 
 @dataclass
@@ -78,7 +78,8 @@ def serve(req: ServeRequest) -> None:
     screener = load_screener(cfg.moderation)
     vcfg = vllm_config_for(req)
     console.print(f"[bold]serve[/]: starting vLLM on loopback ({vcfg.model}) ...")
-    with VLLMServer(vcfg) as server:
+    server = VLLMServer(vcfg)
+    with VLLMSupervisor(server):  # restarts vLLM if it dies; /health is 503 until it is back
         served = [vcfg.served_name, *vcfg.adapters]
         console.print(f"  vLLM ready at {server.base_url} (loopback only); models: {', '.join(served)}")
         app = create_app(cfg, server.base_url, screener, keys)

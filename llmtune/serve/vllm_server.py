@@ -125,3 +125,46 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class VLLMSupervisor:
+    """Keeps vLLM running: when the process dies it is started again on the same port, with
+    exponential backoff between failed starts. The gateway's /health is 503 meanwhile."""
+
+    def __init__(self, server: VLLMServer, backoff_s: float = 2.0, max_backoff_s: float = 60.0):
+        import threading
+
+        self.server, self.backoff_s, self.max_backoff_s = server, backoff_s, max_backoff_s
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="vllm-supervisor")
+
+    def _watch(self) -> None:
+        from llmtune.console import console
+
+        delay = self.backoff_s
+        while not self._stop.wait(1.0):
+            proc = self.server.proc
+            if proc is None or proc.poll() is None:
+                continue
+            console.print(f"[yellow]vLLM exited (code {proc.returncode}); restarting in {delay:.0f}s[/]")
+            if self._stop.wait(delay):
+                return
+            try:
+                self.server.start()
+                self.restarts += 1
+                delay = self.backoff_s
+                console.print(f"vLLM is back at {self.server.base_url}")
+            except VLLMStartError as exc:
+                delay = min(delay * 2, self.max_backoff_s)
+                console.print(f"[red]vLLM restart failed[/]: {str(exc).splitlines()[0]}")
+
+    def __enter__(self) -> "VLLMSupervisor":
+        self.server.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.server.stop()
