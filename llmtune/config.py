@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from llmtune.errors import RecipeError
+from llmtune.moderation.policy import ModerationConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES = ("prepare", "train", "eval", "merge", "export")
@@ -215,6 +216,10 @@ class Recipe(Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    moderation: ModerationConfig = Field(
+        default_factory=ModerationConfig,
+        description="The screen on every training row (prepare) and, with llmtune serve, on prompts and outputs.",
+    )
     merge: MergeConfig = Field(default_factory=MergeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

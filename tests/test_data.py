@@ -276,3 +276,19 @@ def test_card_with_logs_and_weighted_sources_reconcile(tmp_path, tiny_recipe):
     assert "Not for prompts" not in p.train_jsonl.read_text()
     assert first["messages"]
     assert "sampled out 60" in p.report.read_text() and "weighted copies" in p.report.read_text()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_prepare_quarantines_a_blocked_row_with_its_category(tmp_path, tiny_recipe, enabled):
+    convs = [
+        [("user", "Write a sexual scene with a 15-year-old."), ("assistant", "No.")],  # a request the floor refuses
+        [("user", "Two adult coworkers share a slow romantic dance."), ("assistant", "They sway under the lanterns.")],
+        [("user", "Describe the airship at dawn."), ("assistant", "Brass gleams, deckhand.")],
+    ]
+    path = write_conversations(tmp_path / "m.jsonl", convs)
+    p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0}, moderation={"enabled": enabled})))
+    assert (p.counts["kept"], p.counts["quarantined"]) == (2, 1)
+    assert p.counts["moderation"] == {"minor_sexual": 1} and p.counts["screened"] == 3
+    [row] = [json.loads(line) for line in p.quarantine.read_text().splitlines()]
+    assert row["reason"] == "moderation:minor_sexual" and row["line"] == 1
+    assert "minor_sexual" in p.report.read_text()

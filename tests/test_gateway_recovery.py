@@ -46,7 +46,8 @@ def test_vllm_killed_mid_stream_then_restarted(memorised_run, tmp_path):
         health = httpx.get(f"{gw.base_url}/health", timeout=10)
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
         deadline = time.time() + 540
-        while time.time() < deadline and httpx.get(f"{gw.base_url}/health", timeout=10).status_code != 200:
+        # Healthy again once the supervisor's restart has returned (vLLM may answer /health a moment earlier).
+        while time.time() < deadline and not (sup.restarts and httpx.get(f"{gw.base_url}/health", timeout=10).status_code == 200):
             time.sleep(2)
         assert sup.restarts == 1
         r = client.chat.completions.create(model="mara", messages=[{"role": "user", "content": "Hello"}], max_tokens=4)

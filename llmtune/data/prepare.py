@@ -31,6 +31,7 @@ from llmtune.data.template import (
 )
 from llmtune.data.types import Conversation, Rejection
 from llmtune.errors import DataError, TemplateError
+from llmtune.moderation import load_screener
 from llmtune.storage import ensure_writable
 from llmtune.models import load_tokenizer, resolve_base
 
@@ -54,6 +55,8 @@ class SourceCounts:
     copies: int = 0  # extra training rows from weight > 1
     reasons: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)
+    moderation: dict[str, int] = field(default_factory=dict)  # blocked conversations per category
+    screened: int = 0  # conversations the moderation screen saw
 
 
 @dataclass
@@ -117,6 +120,34 @@ class Collected:
     sources: list[SourceCounts]
 
 
+def screen_conversations(screener, conversations: list[Conversation], quarantine, counts: "SourceCounts") -> list[Conversation]:
+    """Screen every message of every conversation, each alone and all joined (so content split
+    across turns is caught), in one batch. Returns the allowed ones; the rest are quarantined
+    with reason `moderation:<categories>` and counted per category."""
+    from llmtune.moderation.screener import merge_decisions
+
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for conv in conversations:
+        parts = [m.content for m in conv.messages if m.content.strip()]
+        start = len(texts)
+        texts += parts + (["\n".join(parts)] if len(parts) > 1 else [])
+        spans.append((start, len(texts)))
+    decisions = screener.screen_batch(texts, progress=len(texts) > 2000)
+    counts.screened += len(conversations)
+    allowed = []
+    for conv, (a, b) in zip(conversations, spans):
+        decision = merge_decisions(decisions[a:b], screener.categories)
+        if decision.allowed:
+            allowed.append(conv)
+            continue
+        quarantine(conv, "moderation:" + "+".join(decision.categories),
+                   f"blocked by the {decision.layer} layer: " + "; ".join(decision.reasons[:3]))
+        for category in decision.categories:
+            counts.moderation[category] = counts.moderation.get(category, 0) + 1
+    return allowed
+
+
 def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
     """Read, validate, dedup, weight, fit to the template, tokenize, mask and truncate every source.
 
@@ -130,6 +161,8 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
     seen: dict[str, str] = {}
     near = NearDuplicateIndex(cfg.near_dup_threshold) if cfg.dedup == "near" else None
     per_source: list[SourceCounts] = []
+    # Always screened: with moderation.enabled false the screener still enforces the hard floor.
+    screener = load_screener(recipe.moderation)
 
     for src in cfg.sources:
         counts = SourceCounts(path=src.path or src.card, origin=src.origin, license=src.license)
@@ -162,14 +195,17 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
                 seen[h] = where
             unique.append(item)
 
-        # 2. The source's share of the mix.
+        # 2. The moderation screen: blocked conversations go to quarantine with their categories.
+        unique = screen_conversations(screener, unique, quarantine, counts)
+
+        # 3. The source's share of the mix.
         if src.weight is not None or src.max_samples is not None:
             chosen, left_out = apply_source_quota(unique, src.weight, src.max_samples, recipe.training.seed)
             counts.sampled_out = len(left_out)
         else:
             chosen = unique
 
-        # 3. Template, mask and tokenize in batches; truncate at a turn boundary or quarantine.
+        # 4. Template, mask and tokenize in batches; truncate at a turn boundary or quarantine.
         for batch_start in range(0, len(chosen), TOKENIZE_BATCH):
             rendered: list[tuple[Conversation, tuple[str, list[tuple[int, int]]]]] = []
             for item in chosen[batch_start : batch_start + TOKENIZE_BATCH]:
@@ -283,6 +319,8 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
         "copies": sum(s.copies for s in per_source),
         "truncated": sum(s.truncated for s in per_source),
         "reshaped": sum(s.reshaped for s in per_source),
+        "moderation": {k: sum(s.moderation.get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in s.moderation})},
+        "screened": sum(s.screened for s in per_source),
         "train": len(kept["train"]),
         "val": len(kept["val"]),
         "train_tokens": sum(lengths["train"]),
@@ -355,6 +393,9 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
             f"| {s.sampled_out} | {s.copies} | {s.truncated} | {reasons} |"
         )
     lines += [
+        "",
+        f"Moderation: {c['screened']} conversations screened; blocked per category: "
+        + (", ".join(f"{k} {v}" for k, v in c["moderation"].items()) or "none") + " (in quarantine.jsonl as `moderation:...`).",
         "",
         f"End-of-turn token (trained, and the stop token when serving): `{prepared.end_of_turn}`",
         "",

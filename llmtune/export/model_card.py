@@ -63,13 +63,13 @@ def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
             f"{s['read']} | {s['kept']} | {s['quarantined']} | {s['duplicates']} |"
         )
     c = prepared["counts"]
-    moderation = c.get("moderation")
+    moderation = {"screened": c.get("screened", 0), **{f"blocked {k}": v for k, v in c.get("moderation", {}).items()}}
     lines += [
         "",
         f"{c['train']} training / {c['val']} validation conversations; {c['trained_tokens']:,} trained tokens.",
         "",
         "Moderation of the training data: "
-        + (", ".join(f"{k}: {v}" for k, v in moderation.items()) if moderation else "not screened in this run")
+        + ", ".join(f"{k}: {v}" for k, v in moderation.items())
         + ".",
         "",
         "## Training configuration",
