@@ -25,6 +25,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmtune.serve.config import RateLimit, ServeConfig
 from llmtune.serve.keys import KeyRecord, KeyStore
@@ -51,6 +52,24 @@ REFUSED = {
     "continue_final_message": "would continue an unscreened partial reply",
     "skip_special_tokens": "special tokens are handled by the server",
     "mm_processor_kwargs": "multimodal input is not supported",
+}
+
+
+_SAMPLING_SCHEMA = {
+    "model": {"type": "string"}, "max_tokens": {"type": "integer"}, "temperature": {"type": "number"},
+    "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "min_p": {"type": "number"},
+    "repetition_penalty": {"type": "number"}, "presence_penalty": {"type": "number"},
+    "frequency_penalty": {"type": "number"}, "stop": {"type": "array", "items": {"type": "string"}},
+    "seed": {"type": "integer"}, "stream": {"type": "boolean"}, "n": {"type": "integer"},
+}
+CHAT_REQUEST_SCHEMA = {
+    "type": "object", "required": ["model", "messages"],
+    "properties": {**_SAMPLING_SCHEMA, "messages": {"type": "array", "items": {
+        "type": "object", "required": ["role", "content"],
+        "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}}},
+}
+COMPLETION_REQUEST_SCHEMA = {
+    "type": "object", "required": ["model", "prompt"], "properties": {**_SAMPLING_SCHEMA, "prompt": {"type": "string"}},
 }
 
 
@@ -173,6 +192,14 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
 
     app = FastAPI(title="llmtune gateway", version="1", lifespan=lifespan)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_errors(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "invalid_request")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        return error(500, f"internal error ({type(exc).__name__}); see the gateway log", "internal_error")
+
     async def screen(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(screen_pool, fn, *args)
 
@@ -200,7 +227,10 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
     async def size_and_metrics(request: Request, call_next):
         start = time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
+        if header_bytes > cfg.max_header_bytes:
+            response = error(431, f"request headers over {cfg.max_header_bytes} bytes", "headers_too_large")
+        elif length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
             response = error(413, f"request body over {cfg.max_body_bytes} bytes", "request_too_large")
         else:
             response = await call_next(request)
@@ -369,11 +399,13 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
             yield sse(error_body(f"the model server failed mid-stream ({type(exc).__name__})", "upstream_unavailable", "server_error"))
         yield sse("[DONE]")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": CHAT_REQUEST_SCHEMA}}}})
     async def chat_completions(request: Request):
         return await completion(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": COMPLETION_REQUEST_SCHEMA}}}})
     async def completions(request: Request):
         return await completion(request, chat=False)
 
