@@ -68,11 +68,13 @@ def prepare(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg) -> No
     _call(go)
 
 
-@app.command(epilog="Example: `llmtune train recipes/demo-cpu.yaml --resume`")
+@app.command(epilog="Example: `llmtune train recipes/demo-cpu.yaml --resume` or `llmtune train RECIPE --nproc 2`")
 def train(
     recipe: Path = RecipeArg,
     overrides: list[str] = OverridesArg,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to train on (one per GPU; CPU ranks share the cores), via accelerate launch."),
+    accelerate_config: str = typer.Option(None, "--accelerate-config", help="accelerate config file, or ddp/fsdp/fsdp-qlora/zero2/zero3 (recipes/accelerate/)."),
 ) -> None:
     """Fine-tune (LoRA or QLoRA) on data prepared by `llmtune prepare` (run it first)."""
     from llmtune.config import save_resolved
@@ -83,6 +85,13 @@ def train(
         r = _recipe(recipe, overrides)
         if not (r.run_dir / "data" / "prepared.json").exists():
             raise FileNotFoundError(f"no prepared data in {r.run_dir / 'data'}; run `llmtune prepare {recipe}` first")
+        if nproc > 1 or accelerate_config:
+            from llmtune.launch import launch_training
+
+            rc = launch_training(recipe, overrides or [], nproc, accelerate_config, resume)
+            if rc:
+                raise typer.Exit(rc)
+            return
         save_resolved(r, r.run_dir)
         train_stage(r, PreparedData.load(r.run_dir), resume=resume)
 
@@ -212,6 +221,11 @@ def keys_revoke(name_or_id: str = typer.Argument(...), keys_file: Path = KeysFil
 
     r = _call(lambda: KeyStore(keys_file).revoke(name_or_id))
     print(f"revoked {r.id} ({r.name})", file=sys.stderr)
+
+
+from llmtune.estimate.command import estimate_command  # noqa: E402  (light: no torch import)
+
+app.command("estimate", epilog="Example: `llmtune estimate recipes/qwen2.5-7b-qlora-16gb.yaml --gpu-mem 16`")(estimate_command)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at data files before training on them.")

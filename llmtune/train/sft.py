@@ -51,7 +51,8 @@ def configure_threads(num_threads: int | None) -> int:
     """Use every core: accelerate's launcher and some environments pin OMP_NUM_THREADS=1."""
     import torch
 
-    n = num_threads or len(os.sched_getaffinity(0))
+    # Ranks launched together on one machine share its cores.
+    n = num_threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(n)
     return n
 
@@ -164,7 +165,9 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     if packing and not packing_is_isolated(model):
         console.print("[yellow]warning[/]: this model attends across packed sequences; training without packing")
         packing = False
-    if qlora:
+    if qlora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        model.enable_input_require_grads()  # FSDP flattens same-dtype params: no fp32 upcast of norms/embeddings
+    elif qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tcfg.gradient_checkpointing)
 
     # 3. LoRA adapter.
