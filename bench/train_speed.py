@@ -115,7 +115,7 @@ def main() -> None:
 
     # Loss-bearing, non-padding tokens of one epoch, the same for both (every token, max 1024).
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lengths = [min(1024, len(tok.apply_chat_template(r["messages"], tokenize=True))) for r in rows]
+    lengths = [min(1024, len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])) for r in rows]
     tokens = sum(lengths)
     print(f"data: {len(rows)} conversations, {tokens:,} tokens, lengths min {min(lengths)} / "
           f"median {sorted(lengths)[len(lengths) // 2]} / max {max(lengths)}")
