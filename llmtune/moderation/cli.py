@@ -1,0 +1,166 @@
+"""`llmtune moderate` and `llmtune moderation train|eval`: thin shells over the moderation package.
+
+The lead registers them on the main app:
+    app.command("moderate")(moderate_command)
+    app.add_typer(moderation_app, name="moderation")
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmtune.errors import LlmtuneError
+
+DATA_DIR = Path("data/moderation")
+
+moderation_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="Train and measure the moderation adapter. Screen text with `llmtune moderate`.",
+)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    print(f"error: {exc}", file=sys.stderr)
+    return typer.Exit(2)
+
+
+def _config(adapter: str | None, policy_file: Path | None, names_file: Path | None, recipe: Path | None):
+    """A ModerationConfig from a recipe's `moderation:` section, with CLI flags on top."""
+    import yaml
+    from pydantic import ValidationError
+
+    from llmtune.moderation.policy import ModerationConfig
+
+    section: dict = {}
+    if recipe is not None:
+        if not recipe.is_file():
+            raise LlmtuneError(f"recipe not found: {recipe}")
+        doc = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        section = dict(doc.get("moderation") or {}) if isinstance(doc, dict) else {}
+    if adapter:
+        section["adapter"] = adapter
+    if policy_file:
+        section["policy_file"] = str(policy_file)
+    if names_file:
+        section["real_person_names_file"] = str(names_file)
+    try:
+        return ModerationConfig.model_validate(section)
+    except ValidationError as err:
+        where = f"{recipe}: " if recipe else ""
+        raise LlmtuneError("\n".join(f"{where}moderation.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+
+
+def moderate_command(
+    text: Annotated[str | None, typer.Option("--text", help="One text to screen.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object on stdout.")] = False,
+    input_path: Annotated[Path | None, typer.Option("--input", help="JSONL rows with a `text` field.")] = None,
+    output_path: Annotated[
+        Path | None, typer.Option("--output", help="Where to write the rows back with `allowed` and `categories` added.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per adapter batch.")] = 64,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter directory (default: the shipped `embedded` one).")] = None,
+    policy_file: Annotated[Path | None, typer.Option("--policy-file", help="A platform policy YAML (extra categories, names).")] = None,
+    names_file: Annotated[Path | None, typer.Option("--names-file", help="Extra real people's names, one per line.")] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Take the `moderation:` section of this recipe as the config.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: every core).")] = None,
+) -> None:
+    """Screen text against the moderation policy (hard floor always on).
+
+    `llmtune moderate --text "..." --json` prints {"allowed", "categories", "scores", "layer"};
+    `llmtune moderate --input rows.jsonl --output out.jsonl` screens a JSONL file in batches.
+    """
+    from llmtune.moderation.screener import configure_threads, load_screener
+
+    if (text is None) == (input_path is None):
+        raise _fail(LlmtuneError("give exactly one of --text or --input (with --output)"))
+    if input_path is not None and output_path is None:
+        raise _fail(LlmtuneError("--input needs --output: where to write the screened rows"))
+    try:
+        configure_threads(threads)
+        screener = load_screener(_config(adapter, policy_file, names_file, recipe))
+        if text is not None:
+            decision = screener.screen(text)
+            if as_json:
+                print(json.dumps(decision.to_json(), ensure_ascii=False))
+            else:
+                verdict = "allowed" if decision.allowed else f"blocked: {', '.join(decision.categories)} (layer: {decision.layer})"
+                print(verdict)
+                for reason in decision.reasons:
+                    print(f"  {reason}")
+            return
+        _moderate_file(screener, input_path, output_path, batch_size)
+    except (LlmtuneError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+
+
+def _moderate_file(screener, input_path: Path, output_path: Path, batch_size: int) -> None:
+    from llmtune.console import console
+
+    if not input_path.is_file():
+        raise LlmtuneError(f"--input {input_path} does not exist")
+    rows = []
+    with input_path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LlmtuneError(f"{input_path}:{n}: not valid JSON ({exc.msg}); one JSON object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise LlmtuneError(f'{input_path}:{n}: each row needs a "text" string field')
+            rows.append(row)
+    decisions = screener.screen_batch([r["text"] for r in rows], batch_size=batch_size, progress=True)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(output_path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row, d in zip(rows, decisions):
+            f.write(json.dumps({**row, "allowed": d.allowed, "categories": d.categories}, ensure_ascii=False) + "\n")
+    tmp.replace(output_path)
+    blocked = sum(not d.allowed for d in decisions)
+    console.print(f"screened {len(rows)} rows: {len(rows) - blocked} allowed, {blocked} blocked -> {output_path}")
+
+
+@moderation_app.command("train", epilog="Example: `llmtune moderation train recipes/moderation.yaml training.epochs=2`")
+def train_command(
+    recipe: Annotated[Path, typer.Argument(help="Moderation recipe YAML (recipes/moderation.yaml).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Overrides as section.key=value, e.g. training.epochs=2.")] = None,
+) -> None:
+    """Train the moderation adapter (LoRA + multi-label head on MiniLM) and calibrate its thresholds on dev."""
+    from llmtune.moderation.train import load_moderation_recipe, train_moderation
+
+    try:
+        train_moderation(load_moderation_recipe(recipe, overrides or []))
+    except (LlmtuneError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+
+
+@moderation_app.command("eval", epilog="Example: `llmtune moderation eval --split test --json`")
+def eval_command(
+    split: Annotated[str, typer.Option("--split", help="`test`, `dev`, `train` (under --data-dir) or a JSONL path.")] = "test",
+    adapter: Annotated[str, typer.Option("--adapter", help="Adapter directory, or `embedded` for the shipped one.")] = "embedded",
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Output directory (default runs/moderation-eval/SPLIT).")] = None,
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Where the named splits live.")] = DATA_DIR,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: every core).")] = None,
+) -> None:
+    """Precision, recall and false-positive rate per category; writes a confusion table and PR-curve PNG."""
+    from llmtune.moderation.evaluate import evaluate_moderation
+    from llmtune.moderation.screener import configure_threads
+
+    try:
+        configure_threads(threads)
+        result = evaluate_moderation(split, adapter, out, data_dir)
+    except (LlmtuneError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))

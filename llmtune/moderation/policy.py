@@ -1,0 +1,125 @@
+"""The moderation policy as a recipe section: what is screened, and what can never be switched off.
+
+This module imports only pydantic and the standard library: `llmtune.config` imports it at CLI
+start-up. The safety floor (DESIGN.md, "Safety policy") lives in `HARD_FLOOR`, a constant;
+nothing here or in the screener reads environment variables, so no recipe key, CLI flag or
+environment variable can lower it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Screened in every stage whatever the config says: sexual content involving minors, and
+# sexual content about real, identifiable people.
+HARD_FLOOR: tuple[str, ...] = ("minor_sexual", "real_person_sexual")
+# Built-in categories a platform may switch off; all default to blocked.
+CONFIGURABLE: tuple[str, ...] = ("sexual_violence", "bestiality", "illegal_instructions")
+# The adapter's heads, in logit order.
+BUILTIN_CATEGORIES: tuple[str, ...] = HARD_FLOOR + CONFIGURABLE
+
+CATEGORY_DESCRIPTIONS: dict[str, str] = {
+    "minor_sexual": "sexual or romantic-sexual content involving a minor, whatever the framing (hard floor)",
+    "real_person_sexual": "sexual or romantic-sexual content about a real, identifiable person (hard floor)",
+    "sexual_violence": "depictions of or requests for non-consensual sexual acts",
+    "bestiality": "sexual content involving animals",
+    "illegal_instructions": "actionable instructions for serious crimes (weapons, drugs, malware, fraud)",
+}
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{1,47}$")
+
+
+def _floor_error(key: str, what: str) -> ValueError:
+    return ValueError(
+        f"`{key}` is part of the hard safety floor and cannot be turned off ({what}); "
+        f"the floor ({', '.join(HARD_FLOOR)}) is screened in every stage whatever the recipe says "
+        "(DESIGN.md, Safety policy). Remove the key."
+    )
+
+
+class ModerationConfig(BaseModel):
+    """How llmtune screens training rows, prompts, system prompts, character cards and outputs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "Screen the configurable categories (and any the policy file adds). When false, only the "
+            "hard floor (minor_sexual, real_person_sexual) is screened; it is screened in every stage "
+            "either way and cannot be turned off."
+        ),
+    )
+    categories: dict[str, bool] = Field(
+        default_factory=lambda: dict.fromkeys(CONFIGURABLE, True),
+        description=(
+            "Configurable categories to block (default: all true): sexual_violence, bestiality, "
+            "illegal_instructions, plus any the policy file defines. Setting minor_sexual or "
+            "real_person_sexual to false is an error: the hard floor cannot be turned off."
+        ),
+    )
+    policy_file: str | None = Field(
+        None,
+        description=(
+            "A platform's YAML policy: extra categories with keyword/regex rules, and its own list of "
+            "real people's names (see docs/moderation.md)."
+        ),
+    )
+    real_person_names_file: str | None = Field(
+        None,
+        description="A text file of extra real people's names (one per line, `#` comments) added to the built-in list.",
+    )
+    adapter: str = Field(
+        "embedded",
+        description="A trained moderation adapter directory, or `embedded` for the adapter shipped in the package.",
+    )
+    thresholds: dict[str, float] | None = Field(
+        None,
+        description=(
+            "Override the adapter's calibrated score thresholds for configurable categories only "
+            "(0 < t <= 1); the floor's thresholds are frozen at calibration."
+        ),
+    )
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _merge_defaults(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        for key, on in value.items():
+            if key in HARD_FLOOR and on is not True:
+                raise _floor_error(key, f"moderation.categories.{key}: {on!r}")
+        return {**dict.fromkeys(CONFIGURABLE, True), **value}
+
+    @field_validator("categories")
+    @classmethod
+    def _category_names(cls, value: dict[str, bool]) -> dict[str, bool]:
+        bad = [k for k in value if not _NAME.match(k)]
+        if bad:
+            raise ValueError(f"category names are lower_snake_case (a-z, 0-9, _); got {bad}")
+        return value
+
+    @field_validator("thresholds")
+    @classmethod
+    def _configurable_thresholds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        for key, t in value.items():
+            if key in HARD_FLOOR:
+                raise _floor_error(key, f"moderation.thresholds.{key}: the floor's calibrated threshold is frozen")
+            if key not in CONFIGURABLE:
+                raise ValueError(
+                    f"moderation.thresholds.{key}: only the adapter's configurable categories have thresholds "
+                    f"({', '.join(CONFIGURABLE)}); policy-file categories are rule-only"
+                )
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"moderation.thresholds.{key} must be in (0, 1]; got {t}")
+        return value
+
+    def blocks(self, category: str) -> bool:
+        """Whether a hit in `category` blocks. The floor always does; the rest follow `enabled` and `categories`."""
+        if category in HARD_FLOOR:
+            return True
+        return self.enabled and self.categories.get(category, True)
