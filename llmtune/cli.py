@@ -228,6 +228,12 @@ from llmtune.estimate.command import estimate_command  # noqa: E402  (light: no 
 app.command("estimate", epilog="Example: `llmtune estimate recipes/qwen2.5-7b-qlora-16gb.yaml --gpu-mem 16`")(estimate_command)
 
 
+from llmtune.moderation.cli import moderate_command, moderation_app  # noqa: E402  (light until used)
+
+app.command("moderate", epilog='Example: `llmtune moderate --text "a tavern scene between two adults" --json`')(moderate_command)
+app.add_typer(moderation_app, name="moderation")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at data files before training on them.")
 app.add_typer(data_app, name="data")
 

@@ -413,6 +413,15 @@ def _minor_cues(text: str) -> tuple[list[_Cue], bool]:
     return cues, adult_age
 
 
+def has_sexual_or_romantic_context(text: str) -> bool:
+    """Whether any normalised view of the text carries sexual or romantic context at all."""
+    for view in views(text):
+        blanked = _blank(view, _EXEMPT)
+        if _SEXUAL.search(blanked) or _ROMANTIC.search(blanked):
+            return True
+    return False
+
+
 class RuleSet:
     """The compiled rules: the built-in floor and configurable rules, a name list, platform categories."""
 

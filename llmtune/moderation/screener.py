@@ -25,7 +25,12 @@ from llmtune.moderation.adapter import NAMES_NAME, ModerationAdapter
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.normalize import canonical
 from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, ModerationConfig
-from llmtune.moderation.rules import PlatformCategory, RuleHit, RuleSet, read_name_list
+from llmtune.moderation.rules import PlatformCategory, RuleHit, RuleSet, has_sexual_or_romantic_context, read_name_list
+
+# Categories that are about sexual content: the adapter alone blocks them only when the text has
+# some sexual or romantic context (rules catch the rest). Without this gate the encoder flagged
+# tame roleplay (a captain greeting her crew, a librarian's story) at the recall-tuned thresholds.
+SEXUAL_CATEGORIES = frozenset({"minor_sexual", "real_person_sexual", "sexual_violence", "bestiality"})
 
 # The maintained list in a checkout; an installed wheel uses the copy shipped with the adapter.
 REPO_NAMES_FILE = Path(__file__).resolve().parents[2] / "data" / "moderation" / "real_people.txt"
@@ -152,7 +157,8 @@ class Screener:
         texts = [t if isinstance(t, str) else str(t) for t in texts]
         hits = [self.rules.match(t) for t in texts]
         scores = self._adapter_scores(texts, batch_size, progress)
-        return [self._decide(h, s) for h, s in zip(hits, scores)]
+        contexts = [has_sexual_or_romantic_context(t) for t in texts]
+        return [self._decide(h, s, c) for h, s, c in zip(hits, scores, contexts)]
 
     def _adapter_scores(self, texts: list[str], batch_size: int, progress: bool) -> list[dict[str, float]]:
         views = [canonical(t) for t in texts]
@@ -173,7 +179,7 @@ class Screener:
         cats = self.adapter.categories
         return [{c: round(float(v), 4) for c, v in zip(cats, row)} for row in raw]
 
-    def _decide(self, hits: list[RuleHit], adapter_scores: dict[str, float]) -> Decision:
+    def _decide(self, hits: list[RuleHit], adapter_scores: dict[str, float], sexual_context: bool = True) -> Decision:
         by_rule = {h.category for h in hits}
         scores = {c: adapter_scores.get(c, 0.0) for c in BUILTIN_CATEGORIES}
         for cat in self.categories[len(BUILTIN_CATEGORIES):]:
@@ -184,6 +190,8 @@ class Screener:
                 continue
             rule_hits = [h for h in hits if h.category == cat]
             over = cat in self.thresholds and scores[cat] >= self.thresholds[cat]
+            if over and cat in SEXUAL_CATEGORIES and not sexual_context:
+                over = False
             if rule_hits or over:
                 blocked.append(cat)
                 reasons += [h.reason() for h in rule_hits]
