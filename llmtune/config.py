@@ -196,7 +196,6 @@ class ExportConfig(Section):
     sillytavern: bool = Field(True, description="Write SillyTavern instruct and context presets and a connection guide.")
     ollama: bool = Field(True, description="Write an Ollama Modelfile (template and stop tokens from training).")
     character_card: bool = Field(True, description="Write a Character Card V2 JSON when the data came from a card.")
-    gguf: bool = Field(False, description="Also write merged/model-f16.gguf (Llama-architecture models).")
 
 
 class OutputConfig(Section):

@@ -203,9 +203,5 @@ def export_for_apps(recipe: Recipe) -> ExportResult:
         merged = run_dir / "merged"
         source, adapter = ("../merged", None) if merged.exists() else (recipe.model.base, "../adapter")
         write("Modelfile", ollama_modelfile(seq, source, adapter, recipe.eval.system_prompt))
-    if recipe.export.gguf:
-        from llmtune.export.gguf import export_gguf
-
-        files.append(export_gguf(run_dir / "merged"))
     console.print(f"[bold]export[/]: {len(files)} files in {export_dir}: " + ", ".join(p.name for p in files))
     return ExportResult(export_dir, files)
