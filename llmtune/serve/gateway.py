@@ -383,10 +383,16 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
                         yield sse(chunk(None, "content_filter"))
                         yield sse("[DONE]")
                         return
-                    if pending or finish:
-                        yield sse(chunk(pending, finish))
+                    # Hold back a trailing partial word: a term split across windows ("Kest" + "rel")
+                    # must be screened whole before any of it is released.
+                    cut = len(pending) if finish else max(pending.rfind(" "), pending.rfind("\n")) + 1
+                    if not cut and len(pending) < 4 * cfg.screen_window_chars:
+                        continue
+                    out = pending[: cut or len(pending)]
+                    if out or finish:
+                        yield sse(chunk(out, finish))
                         sent_role = True
-                        released, pending = released + pending, ""
+                        released, pending = released + out, pending[len(out):]
                 if pending:  # the stream ended without a finish reason: screen what is left
                     decision = await screen(screener.screen, released[-cfg.screen_context_chars:] + pending)
                     audit.write(key, route, "output", pending, decision)
