@@ -83,6 +83,14 @@ class PreparedData:
             meta[key] = Path(meta[key])
         return cls(**meta)
 
+    def persona(self) -> str | None:
+        """The system turn of the first training conversation: the persona the run learned."""
+        if not self.train_jsonl.exists():
+            return None
+        with self.train_jsonl.open(encoding="utf-8") as f:
+            messages = json.loads(f.readline() or "{}").get("messages", [])
+        return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+
     def save(self) -> None:
         d = asdict(self)
         for k, v in d.items():

@@ -136,13 +136,10 @@ def run_chat(target: str, card: Path | None, key: str | None, model: str | None,
 
 
 def _run_system_prompt(run_dir: Path) -> str | None:
-    """The persona the run was trained with: the system turn of its first training conversation."""
-    train = run_dir / "data" / "train.jsonl"
-    if not train.exists():
-        return None
-    with train.open(encoding="utf-8") as f:
-        first = json.loads(f.readline() or "{}").get("messages", [])
-    return first[0]["content"] if first and first[0]["role"] == "system" else None
+    """The persona the run was trained with (None for a model directory)."""
+    from llmtune.data.prepare import PreparedData
+
+    return PreparedData.load(run_dir).persona() if (run_dir / "data" / "prepared.json").exists() else None
 
 
 def _interactive(client, session) -> Iterable[str]:

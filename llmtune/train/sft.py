@@ -8,7 +8,6 @@ checkpoints, save the adapter and the loss curve.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -37,12 +36,7 @@ class TrainResult:
 
 def sample_prompts(recipe: Recipe, prepared: PreparedData) -> list[list[dict]]:
     """The recipe's fixed prompts as chats, behind the recipe's or the data's system prompt."""
-    system = recipe.eval.system_prompt
-    if system is None:
-        with prepared.train_jsonl.open(encoding="utf-8") as f:
-            first = json.loads(next(f, "{}") or "{}")
-        msgs = first.get("messages", [])
-        system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+    system = recipe.eval.system_prompt if recipe.eval.system_prompt is not None else prepared.persona()
     head = [{"role": "system", "content": system}] if system else []
     return [head + [{"role": "user", "content": p}] for p in recipe.eval.prompts]
 
