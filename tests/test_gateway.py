@@ -35,7 +35,8 @@ def stack(memorised_run, tmp_path_factory):
     # A platform category that the memorised model's answer hits: shows a block mid-stream.
     policy = tmp / "policy.yaml"
     policy.write_text("categories:\n  ship_names:\n    description: test category\n    keywords: [Kestrel]\n")
-    base_cfg = dict(keys_file=str(tmp / "keys.json"), key_rate_limits={"limited": RateLimit(requests_per_minute=1, burst=2)},
+    base_cfg = dict(keys_file=str(tmp / "keys.json"), key_rate_limits={"limited": RateLimit(requests_per_minute=1, burst=2),
+                                                         "adult": RateLimit(requests_per_minute=100_000, burst=1_000)},
                     screen_window_chars=8, screen_context_chars=64)
     cfg = ServeConfig(audit_log=str(tmp / "audit.jsonl"), **base_cfg)
     strict = ServeConfig(audit_log=str(tmp / "audit-strict.jsonl"),
