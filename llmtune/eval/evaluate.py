@@ -256,12 +256,10 @@ def evaluate(recipe: Recipe) -> EvalResult:
     from llmtune.export.presets import role_sequences
     from llmtune.moderation import load_screener
     from llmtune.report import write_run_report
-    from llmtune.train.sft import configure_threads, sample_prompts
+    from llmtune.train.sft import configure_threads, sample_prompts, trained_adapter
 
     run_dir = recipe.run_dir
-    adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(f"no trained adapter in {adapter_dir}; run the train stage first (llmtune train {recipe.source_path})")
+    adapter_dir = trained_adapter(recipe)
     prepared = PreparedData.load(run_dir)
     configure_threads(recipe.training.num_threads)
     start = time.time()

@@ -112,12 +112,10 @@ def merge(recipe: Recipe) -> MergeResult:
     from peft import PeftModel
 
     from llmtune.export.model_card import write_model_card
-    from llmtune.train.sft import configure_threads
+    from llmtune.train.sft import configure_threads, trained_adapter
 
     run_dir = recipe.run_dir
-    adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise LlmtuneError(f"no trained adapter in {adapter_dir}; run the train stage first")
+    adapter_dir = trained_adapter(recipe)
     prepared = PreparedData.load(run_dir)
     configure_threads(recipe.training.num_threads)
     start = time.time()

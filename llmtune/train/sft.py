@@ -34,6 +34,16 @@ class TrainResult:
     train_seconds: float
 
 
+def trained_adapter(recipe: Recipe) -> Path:
+    """The run's adapter directory, or an error saying to train first (eval and merge need it)."""
+    from llmtune.errors import LlmtuneError
+
+    adapter_dir = recipe.run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise LlmtuneError(f"no trained adapter in {adapter_dir}; run the train stage first (llmtune train {recipe.source_path})")
+    return adapter_dir
+
+
 def sample_prompts(recipe: Recipe, prepared: PreparedData) -> list[list[dict]]:
     """The recipe's fixed prompts as chats, behind the recipe's or the data's system prompt."""
     system = recipe.eval.system_prompt if recipe.eval.system_prompt is not None else prepared.persona()
