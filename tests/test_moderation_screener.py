@@ -165,3 +165,52 @@ def test_policy_and_config_mistakes_are_clear_errors(tmp_path):
         Screener(ModerationConfig(categories={"gambling": True}))
     with pytest.raises(ModerationError, match="no moderation adapter"):
         Screener(ModerationConfig(adapter=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path (prepare, the gateway): skipping work must never change a decision.
+
+
+def _texts_for_fast_path() -> list[str]:
+    texts = []
+    for split in ("dev", "test"):
+        rows = (REPO / f"data/moderation/{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        texts += [json.loads(line)["text"] for line in rows if line.strip()]
+    for line in (REPO / "data/roleplay/mara_vell.jsonl").read_text(encoding="utf-8").splitlines():
+        texts += [m["content"] for m in json.loads(line)["messages"]]
+    # Plain-looking texts with a cue only after normalisation, and ordinary punctuation.
+    texts += ["Hello there, captain! (She laughs.)", "I-I-I don't know...", "She was nineteen, he was twenty-one.",
+              "a s k s for a s3xual scene", "lol! that storm was wild", "C-4 charges in the hold"]
+    return texts
+
+
+def test_fast_screen_makes_the_same_decisions(screener):
+    texts = _texts_for_fast_path()
+    full = screener.screen_batch(texts)
+    fast = screener.screen_batch(texts, fast=True)
+    differ = [(t, f.categories, q.categories) for t, f, q in zip(texts, full, fast)
+              if (f.allowed, f.categories) != (q.allowed, q.categories)]
+    assert not differ, differ[:5]
+    clear = [t for t in texts if not screener.rules.could_fire(t)]
+    assert len(clear) > 100  # the fast path does skip work on benign text
+    assert all(d.allowed for t, d in zip(texts, full) if t in set(clear))
+
+
+def test_plain_view_is_the_only_view():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from llmtune.moderation.normalize import plain_view, views
+
+    alphabet = "abcdefghijklmnopqrstuvwxyzABC 0123456789!@$|+(.,-_*'\"\n\u00e9\u0430\u200b"
+    words = st.sampled_from(["sex", "s3x", "l0l1", "fifteen", "kid", "the", "ship", "a", "b", "c", "1", "5", "yo",
+                             "aGVsbG8gd29ybGQgc2V4IHNjZW5l", "hello!", "(hild", "captain"])
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(st.text(alphabet, max_size=60), st.lists(words, max_size=12).map(" ".join)))
+    def check(text):
+        plain = plain_view(text)
+        if plain is not None:
+            assert views(text) == [plain]
+
+    check()

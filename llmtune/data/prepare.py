@@ -57,6 +57,7 @@ class SourceCounts:
     formats: dict[str, int] = field(default_factory=dict)
     moderation: dict[str, int] = field(default_factory=dict)  # blocked conversations per category
     screened: int = 0  # conversations the moderation screen saw
+    screened_full: int = 0  # of those, conversations with a cue, screened by rules and adapter
 
 
 @dataclass
@@ -130,8 +131,12 @@ class Collected:
 
 def screen_conversations(screener, conversations: list[Conversation], quarantine, counts: "SourceCounts") -> list[Conversation]:
     """Screen every message of every conversation, each alone and all joined (so content split
-    across turns is caught), in one batch. Returns the allowed ones; the rest are quarantined
-    with reason `moderation:<categories>` and counted per category."""
+    across turns is caught). Returns the allowed ones; the rest are quarantined with reason
+    `moderation:<categories>` and counted per category.
+
+    A conversation none of whose messages gives any rule or adapter gate a cue (RuleSet.could_fire)
+    is allowed at once: the full screen could only allow it. The rest go through rules and adapter
+    in one batch (`fast`: the adapter only where a gate is open)."""
     from llmtune.moderation.screener import merge_decisions
 
     texts: list[str] = []
@@ -139,12 +144,17 @@ def screen_conversations(screener, conversations: list[Conversation], quarantine
     for conv in conversations:
         parts = [m.content for m in conv.messages if m.content.strip()]
         start = len(texts)
-        texts += parts + (["\n".join(parts)] if len(parts) > 1 else [])
+        if any(screener.rules.could_fire(p) for p in parts) or (len(parts) > 1 and screener.rules.could_fire("\n".join(parts))):
+            texts += parts + (["\n".join(parts)] if len(parts) > 1 else [])
         spans.append((start, len(texts)))
-    decisions = screener.screen_batch(texts, progress=len(texts) > 2000)
+    decisions = screener.screen_batch(texts, progress=len(texts) > 2000, fast=True)
     counts.screened += len(conversations)
+    counts.screened_full += sum(1 for a, b in spans if b > a)
     allowed = []
     for conv, (a, b) in zip(conversations, spans):
+        if a == b:
+            allowed.append(conv)
+            continue
         decision = merge_decisions(decisions[a:b], screener.categories)
         if decision.allowed:
             allowed.append(conv)
@@ -329,6 +339,7 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
         "reshaped": sum(s.reshaped for s in per_source),
         "moderation": {k: sum(s.moderation.get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in s.moderation})},
         "screened": sum(s.screened for s in per_source),
+        "screened_full": sum(s.screened_full for s in per_source),
         "train": len(kept["train"]),
         "val": len(kept["val"]),
         "train_tokens": sum(lengths["train"]),
@@ -402,7 +413,8 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
         )
     lines += [
         "",
-        f"Moderation: {c['screened']} conversations screened; blocked per category: "
+        f"Moderation: {c['screened']} conversations screened ({c.get('screened_full', c['screened'])} had a cue for a rule or "
+        "the adapter and went through both; the rest could only be allowed); blocked per category: "
         + (", ".join(f"{k} {v}" for k, v in c["moderation"].items()) or "none") + " (in quarantine.jsonl as `moderation:...`).",
         "",
         f"End-of-turn token (trained, and the stop token when serving): `{prepared.end_of_turn}`",

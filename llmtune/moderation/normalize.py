@@ -332,6 +332,25 @@ def views(text: str) -> list[str]:
     return out
 
 
+# Tokens unleet() could change: only those holding a character it folds.
+_LEETISH = re.compile(r"\S*[0-9@$!|+(]\S*")
+
+
+def plain_view(text: str) -> str | None:
+    """The one view of a text that has nothing to undo, or None when any normalisation step could
+    change it. For plain text `views(text) == [plain_view(text)]` exactly: ASCII (so no Unicode
+    folding, tag or invisible characters), no base64-looking span, no letter spacing, no token that
+    leetspeak folding changes. Costs a few regex scans instead of building every view."""
+    if not text.isascii() or any(_decode_b64(m.group(0)) is not None for m in _B64_SPAN.finditer(text)):
+        return None
+    low = text.lower()
+    if _SPACED.search(low) or _SPLIT_DIGITS.search(low) or _SPACED_DIGITS.search(low):
+        return None
+    if any(unleet(tok) != tok for tok in _LEETISH.findall(low)):
+        return None
+    return numbers_to_digits(low)
+
+
 def canonical(text: str) -> str:
     """The single view the adapter reads: folded, decoded, spacing collapsed, leetspeak folded."""
     base, extra = _base(text)

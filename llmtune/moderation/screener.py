@@ -25,12 +25,16 @@ from llmtune.moderation.adapter import NAMES_NAME, ModerationAdapter
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.normalize import canonical
 from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, ModerationConfig
-from llmtune.moderation.rules import PlatformCategory, RuleHit, RuleSet, has_sexual_or_romantic_context, read_name_list
+from llmtune.moderation.rules import Analysis, PlatformCategory, RuleSet, read_name_list
 
 # Categories that are about sexual content: the adapter alone blocks them only when the text has
 # some sexual or romantic context (rules catch the rest). Without this gate the encoder flagged
 # tame roleplay (a captain greeting her crew, a librarian's story) at the recall-tuned thresholds.
 SEXUAL_CATEGORIES = frozenset({"minor_sexual", "real_person_sexual", "sexual_violence", "bestiality"})
+# The gate for each category the adapter scores: the adapter's score blocks only when it is open.
+# `illegal_instructions` opens on a harm cue (a weapon, drug, malware, poison, theft, ...): without
+# it a captain explaining her ship's engines scored 0.87.
+GATES = {**{c: "sexual_context" for c in SEXUAL_CATEGORIES}, "illegal_instructions": "harm_cue"}
 
 # The maintained list in a checkout; an installed wheel uses the copy shipped with the adapter.
 REPO_NAMES_FILE = Path(__file__).resolve().parents[2] / "data" / "moderation" / "real_people.txt"
@@ -150,17 +154,39 @@ class Screener:
 
     # -- single texts ------------------------------------------------------------------------
 
-    def screen(self, text: str) -> Decision:
-        return self.screen_batch([text])[0]
+    def screen(self, text: str, fast: bool = False) -> Decision:
+        return self.screen_batch([text], fast=fast)[0]
 
-    def screen_batch(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> list[Decision]:
+    def screen_batch(self, texts: list[str], batch_size: int = 64, progress: bool = False, fast: bool = False) -> list[Decision]:
+        """Screen many texts, the adapter batched over them.
+
+        With `fast`, work that cannot change a decision is skipped: a text on which no rule can
+        fire and no adapter gate opens (`RuleSet.could_fire`) is allowed without further work, and
+        the adapter runs only on texts with an open gate. Decisions are identical to the full
+        screen's (tests/test_moderation_screener.py checks this on every moderation row); the
+        skipped adapter scores read 0.0. Bulk callers (prepare, the gateway) use it; `llmtune
+        moderate` and the evaluation report every score."""
         texts = [t if isinstance(t, str) else str(t) for t in texts]
-        hits = [self.rules.match(t) for t in texts]
-        scores = self._adapter_scores(texts, batch_size, progress)
-        contexts = [has_sexual_or_romantic_context(t) for t in texts]
-        return [self._decide(h, s, c) for h, s, c in zip(hits, scores, contexts)]
+        decisions: list[Decision | None] = [None] * len(texts)
+        if fast:
+            for i, t in enumerate(texts):
+                if not self.rules.could_fire(t):
+                    decisions[i] = Decision(True, [], {c: 0.0 for c in self.categories}, "none")
+        todo = [i for i, d in enumerate(decisions) if d is None]
+        analyses = {i: self.rules.analyse(texts[i]) for i in todo}
+        scored = [i for i in todo if not fast or self._adapter_can_block(analyses[i])]
+        scores = dict(zip(scored, self._adapter_scores([texts[i] for i in scored], batch_size, progress)))
+        for i in todo:
+            decisions[i] = self._decide(analyses[i], scores.get(i, {}))
+        return decisions  # type: ignore[return-value]
+
+    def _adapter_can_block(self, analysis: Analysis) -> bool:
+        return any(self.config.blocks(c) and (c not in GATES or getattr(analysis, GATES[c]))
+                   for c in BUILTIN_CATEGORIES if c in self.thresholds)
 
     def _adapter_scores(self, texts: list[str], batch_size: int, progress: bool) -> list[dict[str, float]]:
+        if not texts:
+            return []
         views = [canonical(t) for t in texts]
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -179,7 +205,8 @@ class Screener:
         cats = self.adapter.categories
         return [{c: round(float(v), 4) for c, v in zip(cats, row)} for row in raw]
 
-    def _decide(self, hits: list[RuleHit], adapter_scores: dict[str, float], sexual_context: bool = True) -> Decision:
+    def _decide(self, analysis: Analysis, adapter_scores: dict[str, float]) -> Decision:
+        hits = analysis.hits
         by_rule = {h.category for h in hits}
         scores = {c: adapter_scores.get(c, 0.0) for c in BUILTIN_CATEGORIES}
         for cat in self.categories[len(BUILTIN_CATEGORIES):]:
@@ -190,7 +217,7 @@ class Screener:
                 continue
             rule_hits = [h for h in hits if h.category == cat]
             over = cat in self.thresholds and scores[cat] >= self.thresholds[cat]
-            if over and cat in SEXUAL_CATEGORIES and not sexual_context:
+            if over and cat in GATES and not getattr(analysis, GATES[cat]):
                 over = False
             if rule_hits or over:
                 blocked.append(cat)
@@ -202,14 +229,14 @@ class Screener:
 
     # -- conversations -----------------------------------------------------------------------
 
-    def screen_conversation(self, messages: list[dict]) -> Decision:
+    def screen_conversation(self, messages: list[dict], fast: bool = False) -> Decision:
         """Every message (system prompts and character-card text included) alone, and all of them
         joined, so a request split across messages is still caught."""
         texts = [t for t in (message_text(m) for m in messages) if t.strip()]
         if not texts:
             return Decision(True, [], {c: 0.0 for c in self.categories}, "none")
         joined = "\n".join(texts)
-        decisions = self.screen_batch(texts + [joined] if len(texts) > 1 else texts)
+        decisions = self.screen_batch(texts + [joined] if len(texts) > 1 else texts, fast=fast)
         return merge_decisions(decisions, self.categories)
 
 

@@ -12,6 +12,7 @@ decision goes to the audit log: key id, time, categories, content hash.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import threading
@@ -201,7 +202,9 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
         return error(500, f"internal error ({type(exc).__name__}); see the gateway log", "internal_error")
 
     async def screen(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(screen_pool, fn, *args)
+        # fast: the screen skips work that cannot change a decision (plain text with no cue any
+        # rule or adapter gate needs); the decision is the full screen's.
+        return await asyncio.get_running_loop().run_in_executor(screen_pool, functools.partial(fn, fast=True), *args)
 
     def record_block(stage: str, decision) -> None:
         for category in decision.categories or ["unspecified"]:
