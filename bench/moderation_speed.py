@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--adapter", default="embedded")
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the encoder's arithmetic (auto: bf16 where the CPU has native bf16)")
     args = ap.parse_args()
 
     import torch
@@ -104,10 +106,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from llmtune.moderation import ModerationConfig, load_screener
 
-    screener = load_screener(ModerationConfig(adapter=args.adapter))
+    screener = load_screener(ModerationConfig(adapter=args.adapter, precision=args.precision))
     baseline = Baseline(screener.adapter.dir)
     short, long = messages(400, 128)
-    print(f"moderation_speed: torch threads {torch.get_num_threads()}, adapter {screener.adapter.dir}")
+    print(f"moderation_speed: torch threads {torch.get_num_threads()}, adapter {screener.adapter.dir} ({screener.adapter.precision})")
     print(f"messages: {len(short)} test-split descriptions (~{statistics.mean(len(t.split()) for t in short):.0f} words), "
           f"{len(long)} roleplay messages (~{statistics.mean(len(t.split()) for t in long):.0f} words)")
 

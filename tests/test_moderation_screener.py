@@ -214,3 +214,14 @@ def test_plain_view_is_the_only_view():
             assert views(text) == [plain]
 
     check()
+
+
+def test_bfloat16_encoder_agrees_with_float32():
+    """precision=auto picks bf16 on CPUs with native bf16; the thresholds were calibrated in float32.
+    On the test split both must allow and block the same rows, with scores within a few hundredths."""
+    rows = [json.loads(line) for line in (REPO / "data/moderation/test.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [r["text"] for r in rows]
+    f32 = Screener(ModerationConfig(precision="float32")).screen_batch(texts)
+    bf16 = Screener(ModerationConfig(precision="bfloat16")).screen_batch(texts)
+    assert [d.allowed for d in f32] == [d.allowed for d in bf16]
+    assert max(abs(a.scores[c] - b.scores[c]) for a, b in zip(f32, bf16) for c in a.scores) < 0.03

@@ -65,7 +65,7 @@ def evaluate_moderation(split: str = "test", adapter: str = "embedded", out_dir:
     out_dir = Path(out_dir or Path("runs") / "moderation-eval" / path.stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     screener = Screener(ModerationConfig(adapter=adapter))
-    console.print(f"moderation eval: {len(rows)} rows from {path}; adapter {screener.adapter.dir}")
+    console.print(f"moderation eval: {len(rows)} rows from {path}; adapter {screener.adapter.dir} ({screener.adapter.precision})")
 
     decisions = screener.screen_batch([r.text for r in rows], batch_size=batch_size, progress=True)
     rule_hits = [{h.category for h in screener.rules.match(r.text)} for r in rows]

@@ -9,6 +9,7 @@ environment variable can lower it.
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -80,6 +81,14 @@ class ModerationConfig(BaseModel):
         description=(
             "Override the adapter's calibrated score thresholds for configurable categories only "
             "(0 < t <= 1); the floor's thresholds are frozen at calibration."
+        ),
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "Arithmetic of the adapter's encoder on CPU. `auto`: bfloat16 where the CPU has native "
+            "bf16 instructions (AVX512-BF16, AMX; about 2x the throughput, scores within ~0.01 of "
+            "float32), else float32. Rules, and so the hard floor's deterministic layer, are unaffected."
         ),
     )
 

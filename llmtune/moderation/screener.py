@@ -123,7 +123,7 @@ class Screener:
 
     def __init__(self, config: ModerationConfig | None = None):
         self.config = config or ModerationConfig()
-        self.adapter = ModerationAdapter(self.config.adapter)
+        self.adapter = ModerationAdapter(self.config.adapter, self.config.precision)
         names_file = REPO_NAMES_FILE if REPO_NAMES_FILE.is_file() else self.adapter.dir / NAMES_NAME
         names = read_name_list(names_file) if names_file.is_file() else []
         platform: list[PlatformCategory] = []

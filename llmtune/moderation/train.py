@@ -381,7 +381,7 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
     # 5. Calibrate on dev through the same fast path the screener uses, then freeze the thresholds.
-    adapter = ModerationAdapter(tmp)
+    adapter = ModerationAdapter(tmp, precision="float32")  # thresholds are calibrated in float32
     dev_scores = adapter.scores([canonical(r.text) for r in dev_rows])
     cal = calibrate(dev_scores, dev_rows, categories, recipe.calibration)
     meta["thresholds"] = {c: cal[c]["threshold"] for c in categories}
