@@ -225,3 +225,20 @@ def test_bfloat16_encoder_agrees_with_float32():
     bf16 = Screener(ModerationConfig(precision="bfloat16")).screen_batch(texts)
     assert [d.allowed for d in f32] == [d.allowed for d in bf16]
     assert max(abs(a.scores[c] - b.scores[c]) for a, b in zip(f32, bf16) for c in a.scores) < 0.03
+
+
+def test_conversation_quick_check_never_lets_a_blocked_conversation_through(screener):
+    import random
+
+    texts = _texts_for_fast_path()
+    rng = random.Random(0)
+    convs = [rng.sample(texts, rng.randint(1, 4)) for _ in range(300)]
+    # Content split across turns, and number words meeting across the line break.
+    convs += [["she is fifteen", "write a sexual scene"], ["the clock struck twenty", "one night stand with him"],
+              ["Hello there, captain!", "The engines hum."]]
+    for parts in convs:
+        if not screener.rules.conversation_could_fire(parts):
+            decision = screener.screen_conversation([{"role": "user", "content": p} for p in parts])
+            assert decision.allowed, (parts, decision.reason())
+    assert screener.rules.conversation_could_fire(["the clock struck twenty", "one night stand with him"])
+    assert not screener.rules.conversation_could_fire(["Hello there, captain!", "The engines hum."])

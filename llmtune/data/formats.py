@@ -105,7 +105,7 @@ def _message_text(content: Any) -> str | None:
 
 
 def _check_content(i: int, role: str, content: str) -> tuple[str, str] | None:
-    if not content.strip():
+    if not content or content.isspace():
         return "empty_content", f"turn {i} ({role}) has empty content"
     if len(content) > MAX_CHARS_PER_MESSAGE:
         return "absurd_length", f"turn {i} has {len(content):,} characters (limit {MAX_CHARS_PER_MESSAGE:,})"

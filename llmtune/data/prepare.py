@@ -144,7 +144,7 @@ def screen_conversations(screener, conversations: list[Conversation], quarantine
     for conv in conversations:
         parts = [m.content for m in conv.messages if m.content.strip()]
         start = len(texts)
-        if any(screener.rules.could_fire(p) for p in parts) or (len(parts) > 1 and screener.rules.could_fire("\n".join(parts))):
+        if screener.rules.conversation_could_fire(parts):
             texts += parts + (["\n".join(parts)] if len(parts) > 1 else [])
         spans.append((start, len(texts)))
     decisions = screener.screen_batch(texts, progress=len(texts) > 2000, fast=True)

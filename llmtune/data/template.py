@@ -186,6 +186,7 @@ def _spans_by_markers(tokenizer, messages, template, trained, eot) -> tuple[str,
     """One render with each message's content fenced by markers: a trained span is the content
     plus the end-of-turn token that follows it. None when the template alters the fenced content
     (e.g. trims it), in which case the prefix method decides."""
+    plain = _render(tokenizer, messages, template)  # usually cached: fit_to_template just rendered it
     fenced = [Message(m.role, f"{_OPEN}{i}{_MID}{m.content}{_CLOSE}{i}{_MID}") for i, m in enumerate(messages)]
     marked = _render(tokenizer, fenced, template)
     pieces, bounds, pos, cut = [], {}, 0, 0
@@ -199,7 +200,7 @@ def _spans_by_markers(tokenizer, messages, template, trained, eot) -> tuple[str,
             bounds[int(match.group(2))][1] = pos
     pieces.append(marked[cut:])
     text = "".join(pieces)
-    if text != _render(tokenizer, messages, template) or any(b[1] is None for b in bounds.values()):
+    if text != plain or any(b[1] is None for b in bounds.values()):
         return None
     spans = []
     for i in trained:

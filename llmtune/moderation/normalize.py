@@ -336,6 +336,20 @@ def views(text: str) -> list[str]:
 _LEETISH = re.compile(r"\S*[0-9@$!|+(]\S*")
 
 
+@lru_cache(maxsize=1 << 16)
+def _leet_changes(token: str) -> bool:
+    return unleet(token) != token
+
+
+@lru_cache(maxsize=1)
+def _number_word_scanner():
+    """RE2 scan for any word numbers_to_digits rewrites: without one, it returns the text as is."""
+    import re2
+
+    words = sorted({*_ONES, *_TENS, *_ORDINALS, "hundred", "thousand"}, key=len, reverse=True)
+    return re2.compile(r"\b(?:" + "|".join(words) + r")\b")
+
+
 def plain_view(text: str) -> str | None:
     """The one view of a text that has nothing to undo, or None when any normalisation step could
     change it. For plain text `views(text) == [plain_view(text)]` exactly: ASCII (so no Unicode
@@ -346,9 +360,9 @@ def plain_view(text: str) -> str | None:
     low = text.lower()
     if _SPACED.search(low) or _SPLIT_DIGITS.search(low) or _SPACED_DIGITS.search(low):
         return None
-    if any(unleet(tok) != tok for tok in _LEETISH.findall(low)):
+    if any(_leet_changes(tok) for tok in _LEETISH.findall(low)):
         return None
-    return numbers_to_digits(low)
+    return numbers_to_digits(low) if _number_word_scanner().search(low) else low
 
 
 def canonical(text: str) -> str:

@@ -528,6 +528,23 @@ class RuleSet:
             harm = harm or bool(_HARM.search(view))
         return Analysis(list(hits.values()), sexual, harm)
 
+    def conversation_could_fire(self, parts: list[str]) -> bool:
+        """could_fire for a conversation screened as its messages and "\\n".join(messages), in one
+        scan of the joined text when it is plain. Plain joined text means every message is plain
+        (no normalisation step undoes less in a part than in the whole), and every message's view
+        is a piece of the joined view, except where number words meet across a line break
+        ("twenty" / "one night"), so the lower-cased text is scanned as well."""
+        joined = "\n".join(parts)
+        plain = plain_view(joined)
+        if plain is None:
+            return any(self.could_fire(p) for p in parts) or (len(parts) > 1 and self.could_fire(joined))
+        return self._scan(plain) or (plain != (low := joined.lower()) and self._scan(low))
+
+    def _scan(self, view: str) -> bool:
+        if _trigger_scanner().search(view):
+            return True
+        return any(p.search(view) for cat in self.platform for p in cat.compiled)
+
     def could_fire(self, text: str) -> bool:
         """False only when no rule can fire on `text` and no adapter gate opens, so the screen
         allows it whatever the adapter would score. Sound by construction: every rule needs a
@@ -535,14 +552,7 @@ class RuleSet:
         matches wherever they do. Plain text (normalize.plain_view) has one view and costs a few
         microseconds; anything else is checked over all its views."""
         vs = [plain] if (plain := plain_view(text)) is not None else views(text)
-        scanner = _trigger_scanner()
-        for v in vs:
-            if scanner.search(v):
-                return True
-            for cat in self.platform:
-                if any(p.search(v) for p in cat.compiled):
-                    return True
-        return False
+        return any(self._scan(v) for v in vs)
 
     def match_view(self, view: str) -> list[RuleHit]:
         """Rules over one normalised view (lower case, number words as digits)."""
