@@ -67,6 +67,8 @@ def main() -> None:
     print(f"prepared {c['read']:,} conversations in {seconds:.1f}s: {c['read'] / seconds:,.0f} conversations/s "
           f"(kept {c['kept']:,}, quarantined {c['quarantined']:,}, duplicates {c['duplicates']:,}, "
           f"truncated {c['truncated']:,}); target: under 60 s -> {'met' if seconds < 60 else 'NOT met'}")
+    print("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in prepared.seconds.items())
+          + f"; moderation: {c['screened']:,} conversations screened, {c['screened_full']:,} had a cue and went through rules + adapter")
 
 
 if __name__ == "__main__":

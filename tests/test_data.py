@@ -292,3 +292,28 @@ def test_prepare_quarantines_a_blocked_row_with_its_category(tmp_path, tiny_reci
     [row] = [json.loads(line) for line in p.quarantine.read_text().splitlines()]
     assert row["reason"] == "moderation:minor_sexual" and row["line"] == 1
     assert "minor_sexual" in p.report.read_text()
+
+
+def test_worker_processes_give_the_same_result_as_one_process(tmp_path, tiny_recipe, monkeypatch):
+    """Many conversations are templated in forked workers; the output must not depend on it."""
+    import llmtune.data.prepare as prep
+
+    long_turn = " ".join(["word"] * 40)
+    convs = [[("user", f"question {i}"), ("assistant", f"answer {i} " + ("x " * (i % 7)))] for i in range(40)]
+    convs += [[("user", "hi"), ("assistant", "short reply"), ("user", long_turn), ("assistant", long_turn)]]  # truncated
+    convs += [[("user", long_turn * 3), ("assistant", "too long from the start")]]  # quarantined
+    path = write_conversations(tmp_path / "many.jsonl", convs)
+
+    def run(parallel_min: int, name: str):
+        monkeypatch.setattr(prep, "PARALLEL_MIN", parallel_min)
+        monkeypatch.setattr(prep, "TOKENIZE_BATCH", 8)  # several batches, so several workers get work
+        recipe = load_recipe(tiny_recipe(source=path, data={"max_seq_length": 60}, name=name))
+        return prep.prepare(recipe)
+
+    one, many = run(10**9, "one"), run(1, "many")
+    assert one.counts == many.counts and one.counts["truncated"] >= 1 and one.counts["quarantined"] >= 1
+    for attr in ("train_jsonl", "val_jsonl", "quarantine"):
+        assert getattr(one, attr).read_text() == getattr(many, attr).read_text()
+    from datasets import load_from_disk
+
+    assert load_from_disk(str(one.train_tokenized))[:] == load_from_disk(str(many.train_tokenized))[:]

@@ -8,6 +8,7 @@ the counts reconcile (read = kept + quarantined + duplicates).
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class PreparedData:
     end_of_turn: str
     counts: dict
     sources: list[SourceCounts]
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, for benchmarks
 
     @classmethod
     def load(cls, run_dir: Path) -> "PreparedData":
@@ -119,6 +121,76 @@ def _truncate_at_turn(
     return None
 
 
+# Below this many conversations a source is templated in-process; above, in worker processes.
+PARALLEL_MIN = 4096
+_WORKER: dict = {}  # tokenizer, template, mask, max_len: set before the pool forks, read by workers
+
+
+def _template_batch(items: list[Conversation]) -> list[tuple]:
+    """Fit to the template, render with trained spans, tokenize, truncate. One outcome per item:
+    ("kept", item, tokenized, reshape note, truncated) or ("quarantine", item, reason, detail)."""
+    tokenizer, template, mask, max_len = _WORKER["tokenizer"], _WORKER["template"], _WORKER["mask"], _WORKER["max_len"]
+    outcomes: list[tuple] = []
+    rendered: list[tuple[Conversation, str | None, tuple[str, list[tuple[int, int]]]]] = []
+    for item in items:
+        try:
+            messages, change = fit_to_template(tokenizer, item.messages, template)
+            if change:
+                item = Conversation(messages, item.source, item.line, {**item.meta, "reshaped": change})
+            rendered.append((item, change, trained_spans(tokenizer, item.messages, template, mask)))
+        except TemplateError as exc:
+            outcomes.append(("quarantine", item, "template_rejects", str(exc)))
+    for (item, change, _), tok in zip(rendered, tokenize_rendered(tokenizer, [r for _, _, r in rendered])):
+        truncated = False
+        if len(tok.input_ids) > max_len:
+            cut = _truncate_at_turn(tokenizer, item, template, mask, max_len)
+            if cut is None:
+                outcomes.append(("quarantine", item, "too_long", f"{len(tok.input_ids)} tokens; even the first assistant turn "
+                                                                 f"exceeds data.max_seq_length={max_len}"))
+                continue
+            item, tok = cut
+            truncated = True
+        if tok.trained_tokens == 0:
+            outcomes.append(("quarantine", item, "no_trainable_tokens", f"data.mask={mask} leaves no token with loss in this conversation"))
+            continue
+        outcomes.append(("kept", item, tok, change, truncated))
+    return outcomes
+
+
+def template_outcomes(items: list[Conversation], tokenizer, template: str, mask: str, max_len: int):
+    """_template_batch over `items` in batches of TOKENIZE_BATCH, in order; with many items and
+    more than one core, in a pool of forked workers (one per core; the Rust tokenizer then runs
+    one thread per worker)."""
+    import os
+
+    _WORKER.update(tokenizer=tokenizer, template=template, mask=mask, max_len=max_len)
+    batches = [items[i: i + TOKENIZE_BATCH] for i in range(0, len(items), TOKENIZE_BATCH)]
+    workers = min(len(os.sched_getaffinity(0)), len(batches))
+    if len(items) < PARALLEL_MIN or workers < 2:
+        for batch in batches:
+            yield from _template_batch(batch)
+        return
+    import multiprocessing
+
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker, and no fork warning
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for outcomes in pool.imap(_template_batch, batches):
+                yield from outcomes
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _lap(seconds: dict[str, float], phase: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[phase] = seconds.get(phase, 0.0) + now - since
+    return now
+
+
 @dataclass
 class Collected:
     """Every row of every source, accounted for: kept (tokenized), quarantined, or duplicate."""
@@ -127,6 +199,7 @@ class Collected:
     rejections: list[Rejection]
     duplicates: list[dict]
     sources: list[SourceCounts]
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
 
 
 def screen_conversations(screener, conversations: list[Conversation], quarantine, counts: "SourceCounts") -> list[Conversation]:
@@ -182,6 +255,8 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
     # Always screened: with moderation.enabled false the screener still enforces the hard floor.
     screener = load_screener(recipe.moderation)
 
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
     for src in cfg.sources:
         counts = SourceCounts(path=src.path or src.card, origin=src.origin, license=src.license)
         per_source.append(counts)
@@ -214,7 +289,9 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
             unique.append(item)
 
         # 2. The moderation screen: blocked conversations go to quarantine with their categories.
+        clock = _lap(seconds, "read+validate+dedup", clock)
         unique = screen_conversations(screener, unique, quarantine, counts)
+        clock = _lap(seconds, "screen", clock)
 
         # 3. The source's share of the mix.
         if src.weight is not None or src.max_samples is not None:
@@ -223,41 +300,27 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
         else:
             chosen = unique
 
-        # 4. Template, mask and tokenize in batches; truncate at a turn boundary or quarantine.
-        for batch_start in range(0, len(chosen), TOKENIZE_BATCH):
-            rendered: list[tuple[Conversation, tuple[str, list[tuple[int, int]]]]] = []
-            for item in chosen[batch_start : batch_start + TOKENIZE_BATCH]:
-                try:
-                    messages, change = fit_to_template(tokenizer, item.messages, template)
-                    if change:
-                        item = Conversation(messages, item.source, item.line, {**item.meta, "reshaped": change})
-                        counts.reshaped += 1
-                    rendered.append((item, trained_spans(tokenizer, item.messages, template, cfg.mask)))
-                except TemplateError as exc:
-                    quarantine(item, "template_rejects", str(exc))
-            for (item, _), tok in zip(rendered, tokenize_rendered(tokenizer, [r for _, r in rendered])):
-                if len(tok.input_ids) > cfg.max_seq_length:
-                    cut = _truncate_at_turn(tokenizer, item, template, cfg.mask, cfg.max_seq_length)
-                    if cut is None:
-                        quarantine(item, "too_long", f"{len(tok.input_ids)} tokens; even the first assistant turn "
-                                                     f"exceeds data.max_seq_length={cfg.max_seq_length}")
-                        continue
-                    item, tok = cut
-                    counts.truncated += 1
-                if tok.trained_tokens == 0:
-                    quarantine(item, "no_trainable_tokens",
-                               f"data.mask={cfg.mask} leaves no token with loss in this conversation")
-                    continue
-                kept.append((item, tok))
-                if "copy" in item.meta:
-                    counts.copies += 1
-                    continue
-                counts.kept += 1
-                fmt = item.meta.get("format", src.format)
-                counts.formats[fmt] = counts.formats.get(fmt, 0) + 1
+        # 4. Template, mask and tokenize in batches (in worker processes when there are many);
+        #    truncate at a turn boundary or quarantine. Results come back in order.
+        for outcome in template_outcomes(chosen, tokenizer, template, cfg.mask, cfg.max_seq_length):
+            kind, item = outcome[0], outcome[1]
+            if kind == "quarantine":
+                quarantine(item, outcome[2], outcome[3])
+                continue
+            _, item, tok, change, truncated = outcome
+            counts.reshaped += bool(change)
+            counts.truncated += truncated
+            kept.append((item, tok))
+            if "copy" in item.meta:
+                counts.copies += 1
+                continue
+            counts.kept += 1
+            fmt = item.meta.get("format", src.format)
+            counts.formats[fmt] = counts.formats.get(fmt, 0) + 1
         counts.quarantined = sum(reasons.values())
         counts.reasons = dict(reasons)
-    return Collected(kept, rejections, duplicates, per_source)
+        clock = _lap(seconds, "template+tokenize", clock)
+    return Collected(kept, rejections, duplicates, per_source, seconds)
 
 
 def load_template(recipe: Recipe):
@@ -274,10 +337,14 @@ def prepare(recipe: Recipe) -> PreparedData:
     # Splits (JSONL + tokenized Arrow) take a few times the input; checked before reading anything.
     ensure_writable(data_dir, 4 * inputs + 2**20, "the prepared data")
     cfg = recipe.data
+    clock = time.perf_counter()
     tokenizer, template = load_template(recipe)
     eot = end_of_turn_token(tokenizer, template)
+    loaded = time.perf_counter() - clock
 
     found = collect(recipe, tokenizer, template)
+    found.seconds = {"load tokenizer": loaded, **found.seconds}
+    clock = time.perf_counter()
     kept: dict[str, list[tuple[Conversation, TokenizedConversation]]] = {"train": [], "val": []}
     for conv, tok in found.kept:
         kept[split_of(conv, cfg.val_fraction)].append((conv, tok))
@@ -287,6 +354,7 @@ def prepare(recipe: Recipe) -> PreparedData:
         kept["val"].append(kept["train"].pop(0))
 
     quarantine = _write_rejections(data_dir, found)
+    found.seconds["split"] = time.perf_counter() - clock
     if not any(t.trained_tokens for split in kept.values() for _, t in split):
         raise DataError(
             f"no trainable tokens: with data.mask={cfg.mask} and the chat template of {recipe.model.base} "
@@ -294,7 +362,10 @@ def prepare(recipe: Recipe) -> PreparedData:
             + (f"; {len(found.rejections)} rows were quarantined (reasons in {quarantine})" if found.rejections else "")
         )
 
+    clock = time.perf_counter()
     prepared = _write(recipe, data_dir, kept, found, template, eot, tokenizer)
+    found.seconds["write+report"] = time.perf_counter() - clock
+    prepared.seconds = found.seconds
     _print_summary(prepared)
     return prepared
 
