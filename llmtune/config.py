@@ -147,7 +147,18 @@ class TrainingConfig(Section):
     packing: bool = Field(
         True,
         description="Pack conversations padding-free into max_seq_length rows, with per-sequence position ids so no "
-        "token attends across conversations (turned off with a warning for models that cannot keep them apart).",
+        "token attends across conversations (turned off with a warning for models that cannot keep them apart). With "
+        "`sdpa`, attention runs per conversation, not over the whole packed micro-batch.",
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Score only loss-bearing tokens against the vocabulary, a block of rows at a time, so full "
+        "[tokens, vocab] logits never exist (same loss; off: TRL's own LM-head loss). Falls back, with the reason "
+        "printed, for trained, adapted or quantized LM heads and logit-scaling models.",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="Without packing, batch conversations of similar length together so batches carry less padding.",
     )
     seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
     logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")

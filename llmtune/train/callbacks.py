@@ -63,7 +63,7 @@ class SampleReplies(TrainerCallback):
         )
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if not state.is_world_process_zero or model is None or not self.prompts:
             return
         replies = generate_replies(model, self.tokenizer, self.prompts, self.max_new_tokens, self.eos_token)
         with self.path.open("a", encoding="utf-8") as f:

@@ -137,6 +137,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
 
     from llmtune.report import plot_loss_curve, read_metrics
     from llmtune.train.callbacks import MetricsFile, RichProgress, SampleReplies
+    from llmtune.train.chunked_loss import chunk_rows_for, use_chunked_loss
+    from llmtune.train.packed_attention import use_packed_attention
 
     run_dir = recipe.run_dir
     prepared = prepared or PreparedData.load(run_dir)
@@ -169,6 +171,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     if packing and not packing_is_isolated(model):
         console.print("[yellow]warning[/]: this model attends across packed sequences; training without packing")
         packing = False
+    # Packed micro-batches arrive as one flattened row; attend within each conversation, not over all of it.
+    packed_attention = packing and use_packed_attention(model)
     if qlora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         model.enable_input_require_grads()  # FSDP flattens same-dtype params: no fp32 upcast of norms/embeddings
     elif qlora:
@@ -199,7 +203,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     console.print(
         f"  data: {len(train_ds)} train / {len(val_ds) if val_ds is not None else 0} val conversations, "
         f"longest {prepared.counts['max_tokens']} tokens, max_seq_length {cfg.data.max_seq_length}"
-        f"{', packed padding-free' if packing else ''}"
+        f"{', packed padding-free' if packing else ''}{', per-conversation attention' if packed_attention else ''}"
+        f"{', length-grouped batches' if not packing and tcfg.group_by_length else ''}"
     )
 
     # 5. Trainer.
@@ -228,6 +233,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         max_length=cfg.data.max_seq_length,
         packing=packing,
         packing_strategy="bfd",
+        # Packing leaves no padding to save; otherwise similar lengths share a batch.
+        train_sampling_strategy="group_by_length" if tcfg.group_by_length and not packing else "random",
         logging_steps=tcfg.logging_steps,
         eval_strategy="steps" if val_ds is not None else "no",
         eval_steps=tcfg.eval_steps,
@@ -258,6 +265,13 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the same numbers
+    if tcfg.chunked_loss:
+        why_not = use_chunked_loss(trainer.model)
+        console.print(
+            f"  loss: chunked over loss-bearing tokens ({chunk_rows_for(model.get_output_embeddings().weight.shape[0])} rows per block)"
+            if why_not is None
+            else f"  loss: TRL's LM-head loss (chunked loss off: {why_not})"
+        )
     if qlora and compute_dtype == torch.float32:
         # TRL casts QLoRA adapter weights to bf16 (the paper's GPU recipe); on a CPU without
         # native bf16 that runs emulated at a fraction of fp32 speed, so keep them fp32.
