@@ -42,14 +42,22 @@ class NearDuplicateIndex:
         mixed = (ids[:-2] * np.uint64(0x9E3779B1) + ids[1:-1] * np.uint64(0x85EBCA77) + ids[2:]) & np.uint64(0xFFFFFFFF)
         return np.unique(mixed).tolist()
 
-    def check_and_add(self, key: str, conversation: Conversation) -> str | None:
-        """The key of an earlier near-duplicate, or None (and the conversation is indexed)."""
+    def signature(self, conversation: Conversation) -> np.ndarray:
+        """The conversation's MinHash values (a pure function of its text: safe to compute in workers)."""
         from datasketch import MinHash
 
         mh = MinHash(num_perm=NUM_PERM, hashfunc=int, permutations=self.permutations, scheme="affine32")
         mh.update_batch(self.shingle_hashes(conversation))
+        return mh.hashvalues
+
+    def check_and_add(self, key: str, conversation: Conversation, signature: np.ndarray | None = None) -> str | None:
+        """The key of an earlier near-duplicate, or None (and the conversation is indexed)."""
+        from datasketch import MinHash
+
+        values = self.signature(conversation) if signature is None else signature
+        mh = MinHash(num_perm=NUM_PERM, hashvalues=values, permutations=self.permutations, scheme="affine32")
         hits = self.lsh.query(mh)
         if hits:
             return sorted(hits)[0]
-        self.lsh.insert(key, mh)
+        self.lsh.insert(key, mh, check_duplication=False)  # keys are unique file:line positions
         return None

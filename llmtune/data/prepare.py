@@ -128,61 +128,96 @@ _WORKER: dict = {}  # tokenizer, template, mask, max_len: set before the pool fo
 
 def _template_batch(items: list[Conversation]) -> list[tuple]:
     """Fit to the template, render with trained spans, tokenize, truncate. One outcome per item:
-    ("kept", item, tokenized, reshape note, truncated) or ("quarantine", item, reason, detail)."""
+    ("kept", index, item, tokenized, reshape note, truncated) or ("quarantine", index, item, reason,
+    detail), where item is None when it is items[index] unchanged (workers then send back no text)."""
     tokenizer, template, mask, max_len = _WORKER["tokenizer"], _WORKER["template"], _WORKER["mask"], _WORKER["max_len"]
     outcomes: list[tuple] = []
-    rendered: list[tuple[Conversation, str | None, tuple[str, list[tuple[int, int]]]]] = []
-    for item in items:
+    rendered: list[tuple[int, Conversation, str | None, tuple[str, list[tuple[int, int]]]]] = []
+    for k, item in enumerate(items):
         try:
             messages, change = fit_to_template(tokenizer, item.messages, template)
             if change:
                 item = Conversation(messages, item.source, item.line, {**item.meta, "reshaped": change})
-            rendered.append((item, change, trained_spans(tokenizer, item.messages, template, mask)))
+            rendered.append((k, item, change, trained_spans(tokenizer, item.messages, template, mask)))
         except TemplateError as exc:
-            outcomes.append(("quarantine", item, "template_rejects", str(exc)))
-    for (item, change, _), tok in zip(rendered, tokenize_rendered(tokenizer, [r for _, _, r in rendered])):
+            outcomes.append(("quarantine", k, None, "template_rejects", str(exc)))
+    for (k, item, change, _), tok in zip(rendered, tokenize_rendered(tokenizer, [r for *_, r in rendered])):
         truncated = False
         if len(tok.input_ids) > max_len:
             cut = _truncate_at_turn(tokenizer, item, template, mask, max_len)
             if cut is None:
-                outcomes.append(("quarantine", item, "too_long", f"{len(tok.input_ids)} tokens; even the first assistant turn "
-                                                                 f"exceeds data.max_seq_length={max_len}"))
+                outcomes.append(("quarantine", k, None if item is items[k] else item, "too_long",
+                                 f"{len(tok.input_ids)} tokens; even the first assistant turn exceeds data.max_seq_length={max_len}"))
                 continue
             item, tok = cut
             truncated = True
         if tok.trained_tokens == 0:
-            outcomes.append(("quarantine", item, "no_trainable_tokens", f"data.mask={mask} leaves no token with loss in this conversation"))
+            outcomes.append(("quarantine", k, None if item is items[k] else item, "no_trainable_tokens",
+                             f"data.mask={mask} leaves no token with loss in this conversation"))
             continue
-        outcomes.append(("kept", item, tok, change, truncated))
+        outcomes.append(("kept", k, None if item is items[k] else item, tok, change, truncated))
     return outcomes
 
 
 def template_outcomes(items: list[Conversation], tokenizer, template: str, mask: str, max_len: int):
-    """_template_batch over `items` in batches of TOKENIZE_BATCH, in order; with many items and
-    more than one core, in a pool of forked workers (one per core; the Rust tokenizer then runs
-    one thread per worker)."""
+    """_template_batch over `items` in batches of TOKENIZE_BATCH, in order (in worker processes
+    when there are many), with each outcome's item filled in."""
+    _WORKER.update(tokenizer=tokenizer, template=template, mask=mask, max_len=max_len)
+    for start, outcomes in _in_order(_template_batch, items):
+        for kind, k, item, *rest in outcomes:
+            yield (kind, item if item is not None else items[start + k], *rest)
+
+
+def _facts_batch(items: list[Conversation]) -> list[tuple[str, object, bool]]:
+    """Per conversation: content hash, MinHash signature (None without near dedup), and whether
+    the moderation screen has work to do on it (RuleSet.conversation_could_fire)."""
+    near, rules = _WORKER["near"], _WORKER["rules"]
+    return [
+        (c.content_hash, near.signature(c) if near is not None else None,
+         rules.conversation_could_fire([m.content for m in c.messages if m.content.strip()]))
+        for c in items
+    ]
+
+
+def conversation_facts(items: list[Conversation], near: NearDuplicateIndex | None, rules) -> list[tuple[str, object, bool]]:
+    """_facts_batch over `items`, in order (in worker processes when there are many)."""
+    _WORKER.update(near=near, rules=rules)
+    return [fact for _, facts in _in_order(_facts_batch, items) for fact in facts]
+
+
+def _slice(job: tuple) -> tuple[int, list]:
+    fn, start, end = job
+    return start, fn(_WORKER["items"][start:end])
+
+
+def _in_order(fn, items: list):
+    """(start, fn(items[start:start + TOKENIZE_BATCH])) for each batch, in order. With PARALLEL_MIN
+    items or more and more than one core, in a pool of forked workers, one per core: they inherit
+    `items` and _WORKER, so only batch bounds go out and results come back (the Rust tokenizer then
+    runs one thread per worker)."""
     import os
 
-    _WORKER.update(tokenizer=tokenizer, template=template, mask=mask, max_len=max_len)
-    batches = [items[i: i + TOKENIZE_BATCH] for i in range(0, len(items), TOKENIZE_BATCH)]
-    workers = min(len(os.sched_getaffinity(0)), len(batches))
-    if len(items) < PARALLEL_MIN or workers < 2:
-        for batch in batches:
-            yield from _template_batch(batch)
-        return
-    import multiprocessing
-
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker, and no fork warning
+    jobs = [(fn, i, min(i + TOKENIZE_BATCH, len(items))) for i in range(0, len(items), TOKENIZE_BATCH)]
+    workers = min(len(os.sched_getaffinity(0)), len(jobs))
+    _WORKER["items"] = items
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for outcomes in pool.imap(_template_batch, batches):
-                yield from outcomes
+        if len(items) < PARALLEL_MIN or workers < 2:
+            yield from map(_slice, jobs)
+            return
+        import multiprocessing
+
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker, and no fork warning
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                yield from pool.imap(_slice, jobs)
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
     finally:
-        if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
+        _WORKER.pop("items", None)
 
 
 def _lap(seconds: dict[str, float], phase: str, since: float) -> float:
@@ -202,22 +237,24 @@ class Collected:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
 
 
-def screen_conversations(screener, conversations: list[Conversation], quarantine, counts: "SourceCounts") -> list[Conversation]:
+def screen_conversations(screener, conversations: list[Conversation], quarantine, counts: "SourceCounts",
+                         needs_screen: list[bool] | None = None) -> list[Conversation]:
     """Screen every message of every conversation, each alone and all joined (so content split
     across turns is caught). Returns the allowed ones; the rest are quarantined with reason
     `moderation:<categories>` and counted per category.
 
     A conversation none of whose messages gives any rule or adapter gate a cue (RuleSet.could_fire)
     is allowed at once: the full screen could only allow it. The rest go through rules and adapter
-    in one batch (`fast`: the adapter only where a gate is open)."""
+    in one batch (`fast`: the adapter only where a gate is open). `needs_screen`: that quick check,
+    already made (conversation_facts)."""
     from llmtune.moderation.screener import merge_decisions
 
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
-    for conv in conversations:
+    for i, conv in enumerate(conversations):
         parts = [m.content for m in conv.messages if m.content.strip()]
         start = len(texts)
-        if screener.rules.conversation_could_fire(parts):
+        if needs_screen[i] if needs_screen is not None else screener.rules.conversation_could_fire(parts):
             texts += parts + (["\n".join(parts)] if len(parts) > 1 else [])
         spans.append((start, len(texts)))
     decisions = screener.screen_batch(texts, progress=len(texts) > 2000, fast=True)
@@ -268,18 +305,24 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
             rejections.append(item if isinstance(item, Rejection) else Rejection(item.source, item.line, reason, detail, ""))
             reasons[reason] += 1
 
-        # 1. Rows -> unique, valid conversations.
+        # 1. Rows -> unique, valid conversations. Hashes, MinHash signatures and the screen's
+        #    quick check are computed for all conversations first (in workers when there are many);
+        #    duplicates are then decided in file order.
+        items = list(track(read_data_source(src, recipe.resolve_path), description=f"reading {counts.path}",
+                           console=console, transient=True))
+        counts.read += len(items)
+        convs = [item for item in items if isinstance(item, Conversation)]
+        facts = dict(zip(map(id, convs), conversation_facts(convs, near if cfg.dedup == "near" else None, screener.rules)))
         unique: list[Conversation] = []
-        rows = read_data_source(src, recipe.resolve_path)
-        for item in track(rows, description=f"reading {counts.path}", console=console, transient=True):
-            counts.read += 1
+        needs_screen: list[bool] = []
+        for item in items:
             if isinstance(item, Rejection):
                 quarantine(item, item.reason, item.detail)
                 continue
+            h, signature, cue = facts[id(item)]
             if cfg.dedup != "none":
                 where = f"{item.source}:{item.line}"
-                h = item.content_hash
-                first = seen.get(h) or (near.check_and_add(where, item) if near else None)
+                first = seen.get(h) or (near.check_and_add(where, item, signature) if near else None)
                 if first is not None:
                     counts.duplicates += 1
                     duplicates.append({"source": item.source, "line": item.line, "duplicate_of": first,
@@ -287,10 +330,11 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
                     continue
                 seen[h] = where
             unique.append(item)
+            needs_screen.append(cue)
 
         # 2. The moderation screen: blocked conversations go to quarantine with their categories.
         clock = _lap(seconds, "read+validate+dedup", clock)
-        unique = screen_conversations(screener, unique, quarantine, counts)
+        unique = screen_conversations(screener, unique, quarantine, counts, needs_screen)
         clock = _lap(seconds, "screen", clock)
 
         # 3. The source's share of the mix.
