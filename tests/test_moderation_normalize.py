@@ -92,3 +92,25 @@ def test_views_combine_every_fold():
     v = views("asks for s e x with a f1ft33n yo")
     assert any("sex with a 15 yo" in x for x in v)
     assert canonical("Аsks for ＳＥＸ") == "asks for sex"
+
+
+def test_spacing_scanner_matches_exactly_when_collapse_spacing_could_act():
+    """plain_view's one RE2 scan stands for three Python regexes with lookarounds."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from llmtune.moderation.normalize import _SPACED, _SPACED_DIGITS, _SPLIT_DIGITS, _spacing_scanner
+
+    scanner = _spacing_scanner()
+    alphabet = "ab5 1.-_*|/\\,+~\t\n\x0b\x1c\r7y0yrsea"
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.text(alphabet, max_size=24))
+    def check(text):
+        expected = bool(_SPACED.search(text) or _SPLIT_DIGITS.search(text) or _SPACED_DIGITS.search(text))
+        assert bool(scanner.search(text)) == expected, text
+
+    check()
+    for text in ("s e x", "1 5 year old", "aged 4 0", "it's a big ship", "room 12", "i-i-i know"):
+        expected = bool(_SPACED.search(text) or _SPLIT_DIGITS.search(text) or _SPACED_DIGITS.search(text))
+        assert bool(scanner.search(text)) == expected, text

@@ -341,6 +341,24 @@ def _leet_changes(token: str) -> bool:
     return unleet(token) != token
 
 
+# What re's \s matches in ASCII text (str.isspace), spelled out: RE2's \s lacks \v and \x1c-\x1f.
+_WS = r"\t\n\x0b\x0c\r\x1c-\x1f "
+
+
+@lru_cache(maxsize=1)
+def _spacing_scanner():
+    """One RE2 scan that matches exactly when _SPACED, _SPLIT_DIGITS or _SPACED_DIGITS has a match
+    in lower-case ASCII text, i.e. when collapse_spacing could change it. The lookarounds become
+    consumed boundary characters, which keeps the existence of a match the same."""
+    import re2
+
+    sep = rf"[{_WS}.\-_*·•|/\\,+~]"
+    spaced = rf"(?:^|[^a-z0-9])(?:[a-z0-9]{sep}{{1,3}}){{2,}}[a-z0-9](?:$|[^a-z0-9])"
+    split_digits = rf"(?:^|[^0-9])[0-9][{_WS}.\-_*]{{1,2}}[0-9][{_WS}]*[-{_WS}]?[{_WS}]*(?:y|years?|yrs?)(?:$|[^a-z0-9_])"
+    spaced_digits = r"(?:^|[^0-9.])[0-9][ ._*]{1,2}[0-9](?:$|[^0-9])"
+    return re2.compile(f"{spaced}|{split_digits}|{spaced_digits}")
+
+
 @lru_cache(maxsize=1)
 def _number_word_scanner():
     """RE2 scan for any word numbers_to_digits rewrites: without one, it returns the text as is."""
@@ -358,7 +376,7 @@ def plain_view(text: str) -> str | None:
     if not text.isascii() or any(_decode_b64(m.group(0)) is not None for m in _B64_SPAN.finditer(text)):
         return None
     low = text.lower()
-    if _SPACED.search(low) or _SPLIT_DIGITS.search(low) or _SPACED_DIGITS.search(low):
+    if _spacing_scanner().search(low):  # collapse_spacing would change it
         return None
     if any(_leet_changes(tok) for tok in _LEETISH.findall(low)):
         return None
