@@ -141,3 +141,26 @@ def test_platform_names_and_categories_extend_the_rules():
     assert cats(extra, "send me a c\u0430sino bonus code") == {"gambling"}
     assert cats(extra, "BET NOW on the match") == {"gambling"}
     assert cats(extra, "a story about Jane the streamer") == set()
+
+
+def test_trigger_scanner_matches_wherever_a_trigger_does():
+    """The RE2 scan behind the fast path must never miss what the Python patterns find."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from llmtune.moderation.rules import _TRIGGERS, _trigger_scanner
+
+    scanner = _trigger_scanner()
+    words = st.sampled_from(["one", "night", "stand", "sex", "sexy", "kiss", "her", "on", "a", "date", "pipe", "bomb",
+                             "how", "to", "make", "meth", "the", "captain", "lolicon", "rape", "zoophile", "in",
+                             "love", "with", "é", "naïve", "ship", "c-4", "r-18", "18+", "content", "steamy", "scene"])
+    spaces = st.sampled_from([" ", "\n", "\t", "\x0b", "\x1c", "\u2028", "\xa0", "-", "", "é"])
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(st.tuples(words, spaces), max_size=8))
+    def check(pairs):
+        text = "".join(w + s for w, s in pairs)
+        if any(p.search(text) for p in _TRIGGERS):
+            assert scanner.search(text), text
+
+    check()

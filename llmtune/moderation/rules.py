@@ -453,12 +453,30 @@ def has_harm_cue(text: str) -> bool:
     return any(_HARM.search(v) for v in views(text))
 
 
+# What Python's \s matches (str.isspace), for RE2, whose \s is [\t\n\f\r ] only.
+_PY_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+
+
 def _relaxed(pattern: str) -> str:
-    """`pattern` without its lookaround groups: it matches everything the original matches, and
-    RE2 (which has no lookaround) can compile it."""
-    out, i = [], 0
+    r"""`pattern` for RE2, matching everything the original matches: lookaround groups dropped (RE2
+    has none; without them a pattern only matches more) and \s spelled out as Python's whitespace.
+    Python's Unicode \w and \b against RE2's ASCII ones only add matches where a pattern's
+    literals are ASCII, as all of the triggers' are."""
+    out, i, in_class = [], 0, False
     while i < len(pattern):
-        if pattern.startswith(("(?!", "(?=", "(?<!", "(?<="), i):
+        if pattern.startswith("\\s", i):
+            out.append(_PY_SPACE if in_class else f"[{_PY_SPACE}]")
+            i += 2
+            continue
+        if pattern[i] == "\\":
+            out.append(pattern[i: i + 2])
+            i += 2
+            continue
+        if pattern[i] == "[" and not in_class:
+            in_class = True
+        elif pattern[i] == "]" and in_class:
+            in_class = False
+        if not in_class and pattern.startswith(("(?!", "(?=", "(?<!", "(?<="), i):
             depth, j = 0, i
             while j < len(pattern):
                 if pattern[j] == "\\":
