@@ -121,9 +121,9 @@ def _truncate_at_turn(
     return None
 
 
-# Below this many conversations a source is templated in-process; above, in worker processes.
+# From this many conversations on, a source's per-conversation work runs in worker processes.
 PARALLEL_MIN = 4096
-_WORKER: dict = {}  # tokenizer, template, mask, max_len: set before the pool forks, read by workers
+_WORKER: dict = {}  # what the batch functions read (items, tokenizer, template, ...): set before the pool forks
 
 
 def _template_batch(items: list[Conversation]) -> list[tuple]:
@@ -163,7 +163,7 @@ def template_outcomes(items: list[Conversation], tokenizer, template: str, mask:
     """_template_batch over `items` in batches of TOKENIZE_BATCH, in order (in worker processes
     when there are many), with each outcome's item filled in."""
     _WORKER.update(tokenizer=tokenizer, template=template, mask=mask, max_len=max_len)
-    for start, outcomes in _in_order(_template_batch, items):
+    for start, outcomes in _in_order(_template_batch, items, "templating and tokenizing"):
         for kind, k, item, *rest in outcomes:
             yield (kind, item if item is not None else items[start + k], *rest)
 
@@ -182,7 +182,7 @@ def _facts_batch(items: list[Conversation]) -> list[tuple[str, object, bool]]:
 def conversation_facts(items: list[Conversation], near: NearDuplicateIndex | None, rules) -> list[tuple[str, object, bool]]:
     """_facts_batch over `items`, in order (in worker processes when there are many)."""
     _WORKER.update(near=near, rules=rules)
-    return [fact for _, facts in _in_order(_facts_batch, items) for fact in facts]
+    return [fact for _, facts in _in_order(_facts_batch, items, "hashing and checking") for fact in facts]
 
 
 def _slice(job: tuple) -> tuple[int, list]:
@@ -190,19 +190,27 @@ def _slice(job: tuple) -> tuple[int, list]:
     return start, fn(_WORKER["items"][start:end])
 
 
-def _in_order(fn, items: list):
+def _in_order(fn, items: list, description: str):
     """(start, fn(items[start:start + TOKENIZE_BATCH])) for each batch, in order. With PARALLEL_MIN
     items or more and more than one core, in a pool of forked workers, one per core: they inherit
     `items` and _WORKER, so only batch bounds go out and results come back (the Rust tokenizer then
-    runs one thread per worker)."""
+    runs one thread per worker). A progress bar counts batches when there is more than one."""
     import os
 
     jobs = [(fn, i, min(i + TOKENIZE_BATCH, len(items))) for i in range(0, len(items), TOKENIZE_BATCH)]
     workers = min(len(os.sched_getaffinity(0)), len(jobs))
+    parallel = len(items) >= PARALLEL_MIN and workers > 1
+
+    def shown(results):
+        if len(jobs) < 2:
+            return results
+        label = f"{description} {len(items):,} conversations ({workers if parallel else 1} process{'es' if parallel else ''})"
+        return track(results, total=len(jobs), description=label, console=console, transient=True)
+
     _WORKER["items"] = items
     try:
-        if len(items) < PARALLEL_MIN or workers < 2:
-            yield from map(_slice, jobs)
+        if not parallel:
+            yield from shown(map(_slice, jobs))
             return
         import multiprocessing
 
@@ -210,7 +218,7 @@ def _in_order(fn, items: list):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker, and no fork warning
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
-                yield from pool.imap(_slice, jobs)
+                yield from shown(pool.imap(_slice, jobs))
         finally:
             if before is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
