@@ -299,7 +299,10 @@ _HARM = _rx(
     r"|alibi\w*|dispos\w+ of (?:a |the )?bod(?:y|ies)|corpse\w*|bod(?:y|ies) (?:disposal|dump\w*)|murder\w*|kill\w*|assassin\w*|hit ?m[ae]n|stab\w*|shoot\w*"
     r"|strangl\w+|suffocat\w+|tortur\w+|maim\w*|hurt\w*|harm\w*|injur\w+|attack\w*|massacre\w*|terror\w*|arson\w*|set fire|burn down|sabotag\w+"
     r"|derail\w*|poach\w*|illegal\w*|illicit\w*|crime\w*|criminal\w*|felon\w*|unlicensed|black market|bypass\w*|disabl\w+ (?:the )?(?:alarm|camera|security)\w*"
-    r"|surveil\w*|stalk\w*|spy(?:ing)? on|track(?:ing)? (?:someone|her|him|them|my|a person)|doxx?\w*|swat(?:ting|ted)?|deepfake\w*|impersonat\w+)\b"
+    r"|surveil\w*|stalk\w*|spy(?:ing)? on|track(?:ing)? (?:someone|her|him|them|my|a person)|doxx?\w*|swat(?:ting|ted)?|deepfake\w*|impersonat\w+"
+    r"|wi-?fi|network\w*|server\w*|website\w*|flood\w*|inject\w*|sql|payload\w*|shellcode|zero[\s-]?days?|0-?days?|brute[\s-]?forc\w*"
+    r"|firewall\w*|antivirus|encrypt\w*|decrypt\w*|ar-?15s?|ak-?47s?|glock\w*|pressure cookers?|fertili[sz]er\w*|ammonium|nitrat\w+"
+    r"|acid\w*|bleach\w*|ammonia|dealer\w*|grow ops?)\b"
 )
 
 _PROTECTIVE = _rx(
