@@ -582,8 +582,9 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda") 
     fits = None if usable is None else peak <= usable
     notes = [f"architecture: {arch.source}"]
     if shape.packed:
-        notes.append("assumes packed rows filled to max_seq_length, every token trained; with padding-free packing "
-                     "the attention mask spans the whole micro-batch (grows with its token count squared)")
+        notes.append("assumes packed rows filled to max_seq_length, every token trained, and TRL's path (an attention "
+                     "mask over the whole micro-batch, TRL's LM head); llmtune's per-conversation attention and chunked "
+                     "loss use less, so this is an upper bound for llmtune runs")
     else:
         notes.append("assumes padded batches whose longest sequence is max_seq_length and every token trained")
     if prec.qlora and device == "cuda":
