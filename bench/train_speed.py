@@ -102,7 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--conversations", type=int, default=40, help="Size of the length-skewed set (one epoch each).")
     ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                    help="Run llmtune without gradient checkpointing (faster, more memory). By default it checkpoints, "
+                    help="Run llmtune without gradient checkpointing (faster, more memory). By default it checkpoints "
+                         "(not its `auto`), "
                          "like `trl sft`, whose SFTConfig turns it on: the same hyper-parameters on both sides.")
     ap.add_argument("--out", default=None, help="Write results JSON and a plot here (e.g. docs/benchmarks).")
     args = ap.parse_args()

@@ -143,7 +143,12 @@ class TrainingConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optim: str = Field("adamw_torch", description="transformers optimizer name (e.g. `paged_adamw_8bit` on GPUs).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in backward to save memory (~6-30% slower). `auto`: on only when the memory "
+        "estimate (docs/memory.md) of the run without it exceeds 90% of this machine's memory (the GPU's, or the RAM "
+        "available, shared among local processes); the decision is printed when training starts.",
+    )
     packing: bool = Field(
         True,
         description="Pack conversations padding-free into max_seq_length rows, with per-sequence position ids so no "

@@ -304,3 +304,27 @@ def test_estimate_matches_a_real_cpu_training_step_measured_now():
     predicted, _ = bench.predict_cpu(recipe)
     measured = bench.run_child("cpu", {"recipe": recipe, "profile": True}, timeout=300)["peak_allocated"]
     assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def test_auto_gradient_checkpointing_turns_on_only_when_memory_demands_it():
+    from llmtune.estimate.memory import checkpointing_decision, estimate
+    from llmtune.train.sft import resolve_checkpointing
+
+    demo = load_recipe(REPO / "recipes/demo-cpu.yaml")
+    assert demo.training.gradient_checkpointing == "auto"  # the default
+    on, why = checkpointing_decision(demo, "cpu", 64 * 2**30)
+    assert not on and why.startswith("off (auto: estimated peak")
+    on, why = checkpointing_decision(demo, "cpu", 2**30)  # a machine too small for it
+    assert on and why.startswith("on (auto")
+
+    big = load_recipe(REPO / "recipes/qwen2.5-7b-qlora-16gb.yaml")
+    assert resolve_checkpointing(big, "cuda") == (True, "on")  # an explicit setting is kept, no estimate made
+    auto = big.model_copy(update={"training": big.training.model_copy(update={"gradient_checkpointing": "auto"})})
+    assert checkpointing_decision(auto, "cuda", 16 * 2**30)[0]
+    est = estimate(auto, 16.0)
+    assert est.fits and any("auto turns checkpointing on" in n for n in est.notes)
+    assert est.peak_bytes == estimate(big, 16.0).peak_bytes  # what training will do: checkpoint
+
+    unknown = demo.model_copy(update={"model": demo.model.model_copy(update={"base": "/nonexistent/model"})})
+    on, why = checkpointing_decision(unknown, "cpu", 2**30)
+    assert not on and "no memory estimate" in why

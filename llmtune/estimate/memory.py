@@ -162,7 +162,7 @@ def shape_for(recipe: Recipe, arch: Arch) -> Shape:
         rank=recipe.lora.rank,
         dropout=recipe.lora.dropout,
         targets=frozenset(targets),
-        checkpointing=recipe.training.gradient_checkpointing,
+        checkpointing=recipe.training.gradient_checkpointing is True,  # "auto" is decided in estimate()
         optim=recipe.training.optim,
         packed=recipe.training.packing,
     )
@@ -579,8 +579,13 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda") 
     shape = shape_for(recipe, arch)
     peak, breakdown, moment, allocated = peak_memory(arch, prec, shape)
     usable = usable_bytes(gpu_mem_gb) if gpu_mem_gb else None
-    fits = None if usable is None else peak <= usable
     notes = [f"architecture: {arch.source}"]
+    if recipe.training.gradient_checkpointing == "auto" and usable is not None and peak > usable:
+        # What training does with `auto` when the run would not fit: checkpoint.
+        shape = replace(shape, checkpointing=True)
+        peak, breakdown, moment, allocated = peak_memory(arch, prec, shape)
+        notes.append("training.gradient_checkpointing=auto turns checkpointing on for this memory size")
+    fits = None if usable is None else peak <= usable
     if shape.packed:
         notes.append("assumes packed rows filled to max_seq_length, every token trained, and TRL's path (an attention "
                      "mask over the whole micro-batch, TRL's LM head); llmtune's per-conversation attention and chunked "
@@ -609,3 +614,17 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda") 
         notes=notes,
         arch=arch,
     )
+
+
+def checkpointing_decision(recipe: Recipe, device: Device, memory_bytes: int) -> tuple[bool, str]:
+    """training.gradient_checkpointing=auto: (on?, why). On only when the estimated peak without
+    checkpointing exceeds 90% of `memory_bytes` (the GPU's memory, or this process's share of RAM)."""
+    try:
+        arch = load_arch(recipe.model.base)
+        shape = replace(shape_for(recipe, arch), checkpointing=False)
+        peak = peak_memory(arch, precision_for(recipe, device), shape)[0]
+    except Exception as exc:  # no architecture file or config for this base: keep the fast path
+        return False, f"off (auto: no memory estimate for {recipe.model.base}: {exc})"
+    budget = int(0.9 * memory_bytes)
+    verdict = "on" if peak > budget else "off"
+    return peak > budget, f"{verdict} (auto: estimated peak {peak / GiB:.1f} GiB without it, {budget / GiB:.1f} GiB usable)"

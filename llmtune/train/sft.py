@@ -61,6 +61,33 @@ def configure_threads(num_threads: int | None) -> int:
     return n
 
 
+def memory_for_training(device: str) -> int:
+    """Bytes this process may use: the GPU's memory, or the RAM available now shared among the
+    processes on this machine (LOCAL_WORLD_SIZE under torchrun / accelerate)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def resolve_checkpointing(recipe: Recipe, device: str) -> tuple[bool, str]:
+    """training.gradient_checkpointing as a bool, and how it was decided (printed at start)."""
+    setting = recipe.training.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting), "on" if setting else "off"
+    from llmtune.estimate.memory import checkpointing_decision
+
+    return checkpointing_decision(recipe, "cuda" if device == "cuda" else "cpu", memory_for_training(device))
+
+
 def packing_is_isolated(model) -> bool:
     """Whether this model keeps packed sequences apart given only per-sequence position ids.
 
@@ -173,10 +200,11 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         packing = False
     # Packed micro-batches arrive as one flattened row; attend within each conversation, not over all of it.
     packed_attention = packing and use_packed_attention(model)
+    checkpointing, checkpointing_why = resolve_checkpointing(recipe, device)
     if qlora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         model.enable_input_require_grads()  # FSDP flattens same-dtype params: no fp32 upcast of norms/embeddings
     elif qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tcfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
     # 3. LoRA adapter.
     lora = LoraConfig(
@@ -206,6 +234,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         f"{', packed padding-free' if packing else ''}{', per-conversation attention' if packed_attention else ''}"
         f"{', length-grouped batches' if not packing and tcfg.group_by_length else ''}"
     )
+    console.print(f"  gradient checkpointing: {checkpointing_why}")
 
     # 5. Trainer.
     args = SFTConfig(
@@ -221,7 +250,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         weight_decay=tcfg.weight_decay,
         max_grad_norm=tcfg.max_grad_norm,
         optim=tcfg.optim,
-        gradient_checkpointing=tcfg.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         seed=tcfg.seed,
         data_seed=tcfg.seed,
         bf16=device == "cuda" and dtype == torch.bfloat16,
