@@ -146,8 +146,8 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute activations in backward to save memory (~6-30% slower). `auto`: on only when the memory "
-        "estimate (docs/memory.md) of the run without it exceeds 90% of this machine's memory (the GPU's, or the RAM "
-        "available, shared among local processes); the decision is printed when training starts.",
+        "estimate (docs/memory.md) of the run without it exceeds 90% of this machine's memory (the GPU's, or the RAM, "
+        "shared among local processes); the decision is printed when training starts.",
     )
     packing: bool = Field(
         True,

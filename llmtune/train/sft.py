@@ -62,20 +62,15 @@ def configure_threads(num_threads: int | None) -> int:
 
 
 def memory_for_training(device: str) -> int:
-    """Bytes this process may use: the GPU's memory, or the RAM available now shared among the
-    processes on this machine (LOCAL_WORLD_SIZE under torchrun / accelerate)."""
+    """Bytes this process may plan for: the GPU's memory, or the machine's RAM shared among the
+    processes on it (LOCAL_WORLD_SIZE under torchrun / accelerate). Totals, not what is free right
+    now, so every rank of a multi-process run makes the same decision."""
     import torch
 
     if device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def resolve_checkpointing(recipe: Recipe, device: str) -> tuple[bool, str]:
