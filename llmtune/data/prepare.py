@@ -246,23 +246,23 @@ class Collected:
 
 
 def screen_conversations(screener, conversations: list[Conversation], quarantine, counts: "SourceCounts",
-                         needs_screen: list[bool] | None = None) -> list[Conversation]:
+                         needs_screen: list[bool]) -> list[Conversation]:
     """Screen every message of every conversation, each alone and all joined (so content split
     across turns is caught). Returns the allowed ones; the rest are quarantined with reason
     `moderation:<categories>` and counted per category.
 
-    A conversation none of whose messages gives any rule or adapter gate a cue (RuleSet.could_fire)
-    is allowed at once: the full screen could only allow it. The rest go through rules and adapter
-    in one batch (`fast`: the adapter only where a gate is open). `needs_screen`: that quick check,
-    already made (conversation_facts)."""
+    `needs_screen` is RuleSet.conversation_could_fire per conversation (made in conversation_facts):
+    a conversation without a cue for any rule or adapter gate is allowed at once, since the full
+    screen could only allow it. The rest go through rules and adapter in one batch (`fast`: the
+    adapter only where a gate is open)."""
     from llmtune.moderation.screener import merge_decisions
 
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
-    for i, conv in enumerate(conversations):
-        parts = [m.content for m in conv.messages if m.content.strip()]
+    for conv, needed in zip(conversations, needs_screen):
         start = len(texts)
-        if needs_screen[i] if needs_screen is not None else screener.rules.conversation_could_fire(parts):
+        if needed:
+            parts = [m.content for m in conv.messages if m.content.strip()]
             texts += parts + (["\n".join(parts)] if len(parts) > 1 else [])
         spans.append((start, len(texts)))
     decisions = screener.screen_batch(texts, progress=len(texts) > 2000, fast=True)

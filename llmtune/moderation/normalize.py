@@ -245,8 +245,19 @@ def unleet(text: str, one_as_l: bool = False) -> str:
     return _TOKEN.sub(lambda m: "".join(_fold_part(p, one) for p in re.split(r"([-/])", m.group(0))), text)
 
 
+# Tokens unleet() could change: only those holding a character it folds.
+_LEETISH = re.compile(r"\S*[" + re.escape("".join(_LEET)) + r"]\S*")
+
+
+@lru_cache(maxsize=1 << 16)
+def _leet_changes(token: str) -> bool:
+    return unleet(token) != token
+
+
 def has_leet(text: str) -> bool:
-    return unleet(text) != text
+    """Whether unleet() changes the text: token by token (unleet works per token), and only the
+    tokens holding a character it folds, each looked up once."""
+    return any(_leet_changes(tok) for tok in _LEETISH.findall(text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,15 +343,6 @@ def views(text: str) -> list[str]:
     return out
 
 
-# Tokens unleet() could change: only those holding a character it folds.
-_LEETISH = re.compile(r"\S*[0-9@$!|+(]\S*")
-
-
-@lru_cache(maxsize=1 << 16)
-def _leet_changes(token: str) -> bool:
-    return unleet(token) != token
-
-
 # What re's \s matches in ASCII text (str.isspace), spelled out: RE2's \s lacks \v and \x1c-\x1f.
 _WS = r"\t\n\x0b\x0c\r\x1c-\x1f "
 
@@ -378,7 +380,7 @@ def plain_view(text: str) -> str | None:
     low = text.lower()
     if _spacing_scanner().search(low):  # collapse_spacing would change it
         return None
-    if any(_leet_changes(tok) for tok in _LEETISH.findall(low)):
+    if has_leet(low):
         return None
     return numbers_to_digits(low) if _number_word_scanner().search(low) else low
 

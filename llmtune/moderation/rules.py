@@ -446,16 +446,6 @@ def _sexual_or_romantic(view: str) -> bool:
     return bool(_SEXUAL.search(blanked) or _ROMANTIC.search(blanked))
 
 
-def has_sexual_or_romantic_context(text: str) -> bool:
-    """Whether any normalised view of the text carries sexual or romantic context at all."""
-    return any(_sexual_or_romantic(v) for v in views(text))
-
-
-def has_harm_cue(text: str) -> bool:
-    """Whether any normalised view of the text mentions something a serious crime needs."""
-    return any(_HARM.search(v) for v in views(text))
-
-
 # What Python's \s matches (str.isspace), for RE2, whose \s is [\t\n\f\r ] only.
 _PY_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
 
