@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from llmtune.config import Section as _Section
 from llmtune.config import apply_overrides
 from llmtune.console import console
 from llmtune.moderation.adapter import (
@@ -42,10 +43,6 @@ from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR
 
 # ---------------------------------------------------------------------------------------------
 # The recipe
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class EncoderSection(_Section):
