@@ -60,8 +60,9 @@ def main() -> None:
         keys = KeyStore(cfg.keys_file)
         key, _ = keys.add("bench", AgeVerification("bench", "bench", "2026-11-25"))
         vcfg = VLLMConfig(model=resolve_base(args.model), served_name="m", dtype="float32", max_model_len=1024)
-        with VLLMServer(vcfg) as vllm, GatewayThread(create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys)) as gw:
-            direct = OpenAI(base_url=f"{vllm.base_url}/v1", api_key="x", max_retries=0)
+        with VLLMServer(vcfg) as vllm, GatewayThread(create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys,
+                                                                       upstream_key=vcfg.api_key)) as gw:
+            direct = OpenAI(base_url=f"{vllm.base_url}/v1", api_key=vcfg.api_key, max_retries=0)
             gateway = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
             for c in (direct, gateway):  # warm up both paths
                 one(c, "m", args.tokens)

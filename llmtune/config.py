@@ -101,6 +101,14 @@ class DataConfig(Section):
     near_dup_threshold: float = Field(
         0.85, gt=0.0, le=1.0, description="Estimated Jaccard similarity of word 3-shingles that makes a near-duplicate."
     )
+    pii: Literal["redact", "quarantine", "off"] = Field(
+        "redact",
+        description=(
+            "Personal data in training rows (emails, phone numbers, street addresses, @handles, payment card numbers, "
+            "IBANs): `redact` replaces each with a placeholder such as [EMAIL]; `quarantine` sets the conversation aside "
+            "with reason `pii:<kinds>`; `off` leaves rows as they are. Counts go in the data report."
+        ),
+    )
     mask: Literal["assistant", "all", "last"] = Field(
         "assistant", description="Which turns carry loss: assistant turns, all turns, or the last assistant turn."
     )

@@ -43,9 +43,9 @@ def stack(memorised_run, tmp_path_factory):
                          moderation=ModerationConfig(policy_file=str(policy)), **base_cfg)
     vcfg = VLLMConfig(model=str(run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=512)
     with VLLMServer(vcfg, log_path=tmp / "vllm.log") as vllm:
-        app = create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys)
+        app = create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys, upstream_key=vcfg.api_key)
         strict_app = create_app(strict, vllm.base_url, load_screener(strict.moderation), keys,
-                                AuditLog(strict.audit_log, strict.audit_content))
+                                AuditLog(strict.audit_log, strict.audit_content), upstream_key=vcfg.api_key)
         with GatewayThread(app) as gw, GatewayThread(strict_app) as strict_gw:
             yield {"gw": gw, "strict": strict_gw, "vllm": vllm, "key": key, "limited": limited,
                    "unverified": unverified, "tmp": tmp}

@@ -28,7 +28,7 @@ def test_vllm_killed_mid_stream_then_restarted(memorised_run, tmp_path):
     key, _ = keys.add("adult", AgeVerification("id-document", "test", "2026-11-25"))
     server = VLLMServer(VLLMConfig(model=str(run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=512),
                         log_path=tmp_path / "vllm.log")
-    with VLLMSupervisor(server, backoff_s=1) as sup, GatewayThread(create_app(cfg, server.base_url, load_screener(), keys)) as gw:
+    with VLLMSupervisor(server, backoff_s=1) as sup, GatewayThread(create_app(cfg, server.base_url, load_screener(), keys, upstream_key=server.cfg.api_key)) as gw:
         client = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
         stream = client.chat.completions.create(
             model="mara", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,

@@ -85,7 +85,7 @@ def test_tag_characters_smuggling_text_become_a_view():
     smuggled = "hello" + "".join(chr(0xE0000 + ord(c)) for c in "secret words")
     assert tag_payload(smuggled) == "secret words"
     assert "secret words" in views(smuggled)
-    assert canonical(smuggled) == "hello secret words"
+    assert canonical(smuggled) == "secret words hello"  # hidden readings first (the first window holds them)
 
 
 def test_views_combine_every_fold():

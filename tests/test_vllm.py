@@ -12,7 +12,7 @@ CHAT = [{"role": "system", "content": "You are Mara."}, {"role": "user", "conten
 
 
 def greedy_reply(server: VLLMServer, model: str) -> tuple[str, str]:
-    client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{server.base_url}/v1", api_key=server.cfg.api_key)
     r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0)
     return r.choices[0].message.content, r.choices[0].finish_reason
 
@@ -24,7 +24,7 @@ def test_merged_model_and_base_plus_adapter_give_the_same_greedy_reply(memorised
     merged_cfg = VLLMConfig(model=str(run_dir / "merged"), served_name="mara-merged", dtype="float32", max_model_len=512)
     with VLLMServer(merged_cfg, log_path=tmp_path / "merged.log") as server:
         merged_reply, merged_finish = greedy_reply(server, "mara-merged")
-        models = [m.id for m in OpenAI(base_url=f"{server.base_url}/v1", api_key="x").models.list().data]
+        models = [m.id for m in OpenAI(base_url=f"{server.base_url}/v1", api_key=server.cfg.api_key).models.list().data]
         assert models == ["mara-merged"]
     adapter_cfg = VLLMConfig(
         model=resolve_base("embedded:tiny-random-llama"), served_name="base", dtype="float32", max_model_len=512,

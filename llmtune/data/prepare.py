@@ -30,7 +30,7 @@ from llmtune.data.template import (
     tokenize_rendered,
     trained_spans,
 )
-from llmtune.data.types import Conversation, Rejection
+from llmtune.data.types import Conversation, Message, Rejection
 from llmtune.errors import DataError, TemplateError
 from llmtune.moderation import load_screener
 from llmtune.storage import ensure_writable
@@ -59,6 +59,8 @@ class SourceCounts:
     moderation: dict[str, int] = field(default_factory=dict)  # blocked conversations per category
     screened: int = 0  # conversations the moderation screen saw
     screened_full: int = 0  # of those, conversations with a cue, screened by rules and adapter
+    pii: dict[str, int] = field(default_factory=dict)  # personal data found per kind (redacted or quarantined)
+    pii_conversations: int = 0  # conversations that held any
 
 
 @dataclass
@@ -170,18 +172,18 @@ def template_outcomes(items: list[Conversation], tokenizer, template: str, mask:
 
 def _facts_batch(items: list[Conversation]) -> list[tuple[str, object, bool]]:
     """Per conversation: content hash, MinHash signature (None without near dedup), and whether
-    the moderation screen has work to do on it (RuleSet.conversation_could_fire)."""
-    near, rules = _WORKER["near"], _WORKER["rules"]
+    the moderation screen must screen it in full (Screener.needs_full_screen)."""
+    near, screener = _WORKER["near"], _WORKER["screener"]
     return [
         (c.content_hash, near.signature(c) if near is not None else None,
-         rules.conversation_could_fire([m.content for m in c.messages if m.content.strip()]))
+         screener.needs_full_screen([m.content for m in c.messages if m.content.strip()]))
         for c in items
     ]
 
 
-def conversation_facts(items: list[Conversation], near: NearDuplicateIndex | None, rules) -> list[tuple[str, object, bool]]:
+def conversation_facts(items: list[Conversation], near: NearDuplicateIndex | None, screener) -> list[tuple[str, object, bool]]:
     """_facts_batch over `items`, in order (in worker processes when there are many)."""
-    _WORKER.update(near=near, rules=rules)
+    _WORKER.update(near=near, screener=screener)
     return [fact for _, facts in _in_order(_facts_batch, items, "hashing and checking") for fact in facts]
 
 
@@ -245,36 +247,56 @@ class Collected:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
 
 
+def handle_pii(conversations: list[Conversation], mode: str, quarantine, counts: "SourceCounts") -> dict[int, Conversation | None]:
+    """Personal data per conversation: {id(conversation): its redacted copy, or None when it was
+    quarantined} for each conversation that holds any; redaction is the default."""
+    from llmtune.data.pii import redact
+
+    if mode == "off":
+        return {}
+    out: dict[int, Conversation | None] = {}
+    for conv in conversations:
+        kinds: list[str] = []
+        messages = []
+        for m in conv.messages:
+            text, found = redact(m.content)
+            kinds += found
+            messages.append(m if not found else Message(m.role, text))
+        if not kinds:
+            continue
+        counts.pii_conversations += 1
+        for kind in kinds:
+            counts.pii[kind] = counts.pii.get(kind, 0) + 1
+        found_kinds = sorted(set(kinds))
+        if mode == "quarantine":
+            quarantine(conv, "pii:" + "+".join(found_kinds), f"personal data in the conversation: {', '.join(found_kinds)}")
+            out[id(conv)] = None
+        else:
+            out[id(conv)] = Conversation(messages, conv.source, conv.line, {**conv.meta, "pii_redacted": found_kinds})
+    return out
+
+
 def screen_conversations(screener, conversations: list[Conversation], quarantine, counts: "SourceCounts",
                          needs_screen: list[bool]) -> list[Conversation]:
-    """Screen every message of every conversation, each alone and all joined (so content split
-    across turns is caught). Returns the allowed ones; the rest are quarantined with reason
+    """Screen every conversation as a whole (facts set in one message hold in the others, as in
+    the gateway). Returns the allowed ones; the rest are quarantined with reason
     `moderation:<categories>` and counted per category.
 
-    `needs_screen` is RuleSet.conversation_could_fire per conversation (made in conversation_facts):
-    a conversation without a cue for any rule or adapter gate is allowed at once, since the full
-    screen could only allow it. The rest go through rules and adapter in one batch (`fast`: the
-    adapter only where a gate is open)."""
-    from llmtune.moderation.screener import merge_decisions
-
-    texts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    for conv, needed in zip(conversations, needs_screen):
-        start = len(texts)
-        if needed:
-            parts = [m.content for m in conv.messages if m.content.strip()]
-            texts += parts + (["\n".join(parts)] if len(parts) > 1 else [])
-        spans.append((start, len(texts)))
-    decisions = screener.screen_batch(texts, progress=len(texts) > 2000, fast=True)
+    `needs_screen` is Screener.needs_full_screen per conversation (made in the worker processes
+    of conversation_facts): with `moderation.bulk: cascade`, a conversation no rule or fact could
+    block and the classifier's first stage clears is allowed without the full screen
+    (docs/moderation.md, "Bulk screening")."""
+    todo = [i for i, needed in enumerate(needs_screen) if needed]
+    decisions = screener.screen_conversations(
+        [[{"role": m.role, "content": m.content} for m in conversations[i].messages] for i in todo],
+        progress=len(todo) > 500)
+    blocked = dict(zip(todo, decisions))
     counts.screened += len(conversations)
-    counts.screened_full += sum(1 for a, b in spans if b > a)
+    counts.screened_full += len(todo)
     allowed = []
-    for conv, (a, b) in zip(conversations, spans):
-        if a == b:
-            allowed.append(conv)
-            continue
-        decision = merge_decisions(decisions[a:b], screener.categories)
-        if decision.allowed:
+    for i, conv in enumerate(conversations):
+        decision = blocked.get(i)
+        if decision is None or decision.allowed:
             allowed.append(conv)
             continue
         quarantine(conv, "moderation:" + "+".join(decision.categories),
@@ -320,7 +342,11 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
                            console=console, transient=True))
         counts.read += len(items)
         convs = [item for item in items if isinstance(item, Conversation)]
-        facts = dict(zip(map(id, convs), conversation_facts(convs, near if cfg.dedup == "near" else None, screener.rules)))
+        replaced = handle_pii(convs, cfg.pii, quarantine, counts)
+        if replaced:
+            items = [it for it in (replaced.get(id(it), it) for it in items) if it is not None]
+            convs = [item for item in items if isinstance(item, Conversation)]
+        facts = dict(zip(map(id, convs), conversation_facts(convs, near if cfg.dedup == "near" else None, screener)))
         unique: list[Conversation] = []
         needs_screen: list[bool] = []
         for item in items:
@@ -463,6 +489,9 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
         "moderation": {k: sum(s.moderation.get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in s.moderation})},
         "screened": sum(s.screened for s in per_source),
         "screened_full": sum(s.screened_full for s in per_source),
+        "pii": {k: sum(s.pii.get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in s.pii})},
+        "pii_conversations": sum(s.pii_conversations for s in per_source),
+        "pii_mode": recipe.data.pii,
         "train": len(kept["train"]),
         "val": len(kept["val"]),
         "train_tokens": sum(lengths["train"]),
@@ -539,6 +568,10 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
         f"Moderation: {c['screened']} conversations screened ({c.get('screened_full', c['screened'])} had a cue for a rule or "
         "the adapter and went through both; the rest could only be allowed); blocked per category: "
         + (", ".join(f"{k} {v}" for k, v in c["moderation"].items()) or "none") + " (in quarantine.jsonl as `moderation:...`).",
+        "",
+        f"Personal data ({c.get('pii_mode', 'redact')}): {c.get('pii_conversations', 0)} conversations held some; "
+        + (", ".join(f"{k} {v}" for k, v in c.get("pii", {}).items()) or "none found")
+        + (" (replaced by placeholders such as [EMAIL])." if c.get("pii_mode", "redact") == "redact" else "."),
         "",
         f"End-of-turn token (trained, and the stop token when serving): `{prepared.end_of_turn}`",
         "",

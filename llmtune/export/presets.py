@@ -141,7 +141,12 @@ CONNECT_GUIDE = """\
    `sillytavern-instruct.json` (Instruct Template) and `sillytavern-context.json` (Context
    Template). They reproduce the training chat template, including the stop string `{stop}`,
    so replies end where the model learned to end them.
-4. Character: import `{card}` (Character Management -> Import) if present.
+{card_step}
+5. Blocked replies: SillyTavern does not show why a reply ended, so when the content policy
+   withholds a reply the gateway sends its `withheld_text` ("[reply withheld by the content
+   policy]" by default) as the reply's last words; a blocked request shows as an error toast.
+   Text Completion presets with many stop strings work as they are (the managed vLLM accepts
+   up to 64).
 
 Ollama: `ollama create {name} -f Modelfile` in this directory, then `ollama run {name}`.
 """
@@ -197,7 +202,8 @@ def export_for_apps(recipe: Recipe) -> ExportResult:
         write("sillytavern-context.json", json.dumps(sillytavern_context(f"llmtune {recipe.name}"), indent=2))
         write("CONNECT_SILLYTAVERN.md", CONNECT_GUIDE.format(
             name=recipe.name, run_dir=run_dir, model=recipe.name, stop=seq.stop[0],
-            card=f"{card['data']['name']}.card.json" if card else "(no card: the data had none)",
+            card_step=(f"4. Character: import `{card['data']['name']}.card.json` (Character Management -> Import)." if card
+                       else "4. Character: the training data came with no character card; create one in SillyTavern."),
         ))
     if recipe.export.ollama:
         merged = run_dir / "merged"

@@ -16,7 +16,6 @@ import typer
 
 from llmtune.errors import LlmtuneError
 
-DATA_DIR = Path("data/moderation")
 
 moderation_app = typer.Typer(
     add_completion=False,
@@ -60,9 +59,11 @@ def _config(adapter: str | None, policy_file: Path | None, names_file: Path | No
 def moderate_command(
     text: Annotated[str | None, typer.Option("--text", help="One text to screen.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the decision as one JSON object on stdout.")] = False,
-    input_path: Annotated[Path | None, typer.Option("--input", help="JSONL rows with a `text` field.")] = None,
+    input_path: Annotated[Path | None, typer.Option(
+        "--input", help="JSONL rows: {\"text\"}, {\"messages\"} (a conversation; card text as system messages, `name` fields) "
+                        "or {\"messages\", \"output\"} (a reply screened in its conversation).")] = None,
     output_path: Annotated[
-        Path | None, typer.Option("--output", help="Where to write the rows back with `allowed` and `categories` added.")
+        Path | None, typer.Option("--output", help="Where to write the rows back with `allowed`, `categories` and `evidence` added.")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per adapter batch.")] = 64,
     adapter: Annotated[str | None, typer.Option("--adapter", help="Adapter directory (default: the shipped `embedded` one).")] = None,
@@ -76,7 +77,9 @@ def moderate_command(
     """Screen text against the moderation policy (hard floor always on).
 
     `llmtune moderate --text "..." --json` prints {"allowed", "categories", "scores", "layer"};
-    `llmtune moderate --input rows.jsonl --output out.jsonl` screens a JSONL file in batches.
+    `llmtune moderate --input rows.jsonl --output out.jsonl` screens a JSONL file: texts, conversations,
+    or replies in their conversation; each row comes back unchanged with `allowed`, `categories`
+    and `evidence` (which facts were found, and where) added.
     """
     from llmtune.moderation.screener import configure_threads, load_screener
 
@@ -102,12 +105,33 @@ def moderate_command(
         raise _fail(exc) from None
 
 
+def _row_item(row, where: str):
+    """One input row as what to screen: ("text", text) | ("messages", messages) | ("reply", messages, output)."""
+    if not isinstance(row, dict):
+        raise LlmtuneError(f"{where}: each row is a JSON object with \"text\", \"messages\" or \"messages\" + \"output\"")
+    if isinstance(row.get("messages"), list):
+        messages = row["messages"]
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content", ""), (str, list)):
+                raise LlmtuneError(f"{where}: messages[{i}] must be an object with a `content` string")
+        if "output" in row:
+            if not isinstance(row["output"], str):
+                raise LlmtuneError(f'{where}: "output" must be a string (the reply to screen in the conversation)')
+            return ("reply", messages, row["output"])
+        return ("messages", messages)
+    if isinstance(row.get("text"), str):
+        return ("text", row["text"])
+    raise LlmtuneError(f'{where}: a row needs "text" (a string), "messages" (a conversation), or "messages" and "output"')
+
+
 def _moderate_file(screener, input_path: Path, output_path: Path, batch_size: int) -> None:
+    from rich.progress import track
+
     from llmtune.console import console
 
     if not input_path.is_file():
         raise LlmtuneError(f"--input {input_path} does not exist")
-    rows = []
+    rows, items = [], []
     with input_path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -116,15 +140,22 @@ def _moderate_file(screener, input_path: Path, output_path: Path, batch_size: in
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise LlmtuneError(f"{input_path}:{n}: not valid JSON ({exc.msg}); one JSON object per line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise LlmtuneError(f'{input_path}:{n}: each row needs a "text" string field')
+            items.append(_row_item(row, f"{input_path}:{n}"))
             rows.append(row)
-    decisions = screener.screen_batch([r["text"] for r in rows], batch_size=batch_size, progress=True)
+    decisions = [None] * len(rows)
+    texts = [i for i, item in enumerate(items) if item[0] == "text"]
+    for i, d in zip(texts, screener.screen_batch([items[i][1] for i in texts], batch_size=batch_size, progress=len(texts) > 200)):
+        decisions[i] = d
+    others = [i for i, item in enumerate(items) if item[0] != "text"]
+    for i in track(others, description="conversations", console=console, transient=True, disable=len(others) < 20):
+        item = items[i]
+        decisions[i] = screener.screen_conversation(item[1], reply=item[2] if item[0] == "reply" else None)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_path.with_name(output_path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for row, d in zip(rows, decisions):
-            f.write(json.dumps({**row, "allowed": d.allowed, "categories": d.categories}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({**row, "allowed": d.allowed, "categories": d.categories, "evidence": d.evidence},
+                               ensure_ascii=False) + "\n")
     tmp.replace(output_path)
     blocked = sum(not d.allowed for d in decisions)
     console.print(f"screened {len(rows)} rows: {len(rows) - blocked} allowed, {blocked} blocked -> {output_path}")
@@ -144,22 +175,22 @@ def train_command(
         raise _fail(exc) from None
 
 
-@moderation_app.command("eval", epilog="Example: `llmtune moderation eval --split test --json`")
+@moderation_app.command("eval", epilog="Example: `llmtune moderation eval --split heldout --json`")
 def eval_command(
-    split: Annotated[str, typer.Option("--split", help="`test`, `dev`, `train` (under --data-dir) or a JSONL path.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="`heldout` (frozen, aggregates only), `dev` (under --eval-dir) or a JSONL path.")] = "heldout",
     adapter: Annotated[str, typer.Option("--adapter", help="Adapter directory, or `embedded` for the shipped one.")] = "embedded",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Output directory (default runs/moderation-eval/SPLIT).")] = None,
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="Where the named splits live.")] = DATA_DIR,
+    eval_dir: Annotated[Path, typer.Option("--eval-dir", help="Where the named sets live.")] = Path("data/moderation/eval"),
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: every core).")] = None,
 ) -> None:
-    """Precision, recall and false-positive rate per category; writes a confusion table and PR-curve PNG."""
+    """Recall per category, false-positive rates on adult requests and tame roleplay, per kind, language and obfuscation."""
     from llmtune.moderation.evaluate import evaluate_moderation
     from llmtune.moderation.screener import configure_threads
 
     try:
         configure_threads(threads)
-        result = evaluate_moderation(split, adapter, out, data_dir)
+        result = evaluate_moderation(split, adapter, out, eval_dir)
     except (LlmtuneError, FileNotFoundError) as exc:
         raise _fail(exc) from None
     if as_json:

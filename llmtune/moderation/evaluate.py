@@ -1,200 +1,238 @@
-"""Measure the screen on a labelled split: `evaluate_moderation(split, ...) -> ModerationEval`.
+"""Measure the screen on a labelled set: `evaluate_moderation(split, ...) -> ModerationEval`.
 
-Behind `llmtune moderation eval [--split test] [--adapter DIR] [--json]`. For each category it
-reports precision, recall and false-positive rate of the full screen (rules + adapter, as
-`prepare` and the gateway use it), and recall of each layer alone; recall on obfuscated
-positives; and the block rate on each kind of allowed row, in particular benign adult fiction
-and non-sexual mentions of children (the over-blocking targets). It writes metrics.json,
-confusion.md (per-category confusion counts and per-group block rates) and pr_curves.png
-(the adapter's precision-recall curve per category, the calibrated threshold marked).
+Behind `llmtune moderation eval [--split heldout|dev|FILE.jsonl] [--adapter DIR] [--json]`.
+
+Sets are JSON Lines in the evaluation format (docs/moderation.md, "Evaluation sets"): a row is a
+text or a conversation (`messages`, optionally a reply in `output`), with `expected` ("block" or
+"allow"), the policy `categories` that apply, `kind` and `tags`. Rows are screened exactly as
+the gateway screens them: a text as a conversation of one message, a conversation with
+`screen_conversation`, a reply in the context of its conversation.
+
+Reported: recall per category (a positive counts as caught when the screen blocks it; the
+category-exact rate beside it), false-positive rates on allowed rows tagged `adult_request`
+and `tame_roleplay` (the over-blocking targets) and on all allowed rows, recall and FPR per
+kind, per language and per obfuscation, and which layer decided. The frozen held-out set
+(`heldout`, written independently and never looked at row by row) gets aggregates only: no
+row of it is printed or written, so nobody tunes to it by accident.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmtune.console import console
-from llmtune.moderation.policy import BUILTIN_CATEGORIES, ModerationConfig
-from llmtune.moderation.train import Row, read_rows
+from llmtune.moderation.errors import ModerationError
+from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, ModerationConfig
 
-# Row groups (data/moderation/*.jsonl "group") that make up the two over-blocking targets.
-ADULT_FICTION_GROUPS = ("adult_romance", "adult_age_odd", "name_collision", "idiom", "general", "real_nonsexual")
-CHILDREN_NONSEXUAL_GROUPS = ("child_nonsexual", "school_nonsexual", "mixed_family")
-DATA_DIR = Path("data/moderation")
+EVAL_DIR = Path("data/moderation/eval")
+FROZEN = {"heldout": "heldout.sha256", "dev": "dev.sha256"}
+ALLOW_GROUPS = ("adult_request", "tame_roleplay")
+
+
+@dataclass
+class EvalRow:
+    id: str
+    expected: str  # block | allow
+    categories: list[str]
+    kind: str  # single | conversation
+    tags: list[str]
+    text: str | None = None
+    messages: list[dict] | None = None
+    output: str | None = None
+
+    def tag(self, prefix: str) -> str | None:
+        return next((t.split(":", 1)[1] for t in self.tags if t.startswith(prefix + ":")), None)
+
+    @property
+    def allow_group(self) -> str | None:
+        return next((g for g in ALLOW_GROUPS if g in self.tags), None)
+
+
+def read_eval_rows(path: Path) -> list[EvalRow]:
+    """Evaluation-format rows; template rows ({"text", "labels"}) are read too, as single texts."""
+    if not path.is_file():
+        raise ModerationError(f"evaluation set not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ModerationError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise ModerationError(f"{where}: a row is a JSON object")
+        if "expected" not in obj and "labels" in obj:  # a template split
+            labels = obj["labels"]
+            obj = {"id": f"{path.stem}-{n}", "text": obj.get("text"), "expected": "block" if labels else "allow",
+                   "categories": labels, "kind": "single",
+                   "tags": [t for t in (obj.get("group"), f"obf:{obj['obfuscation']}" if obj.get("obfuscation") else None) if t]}
+        expected = obj.get("expected")
+        if expected not in ("block", "allow"):
+            raise ModerationError(f'{where}: "expected" must be "block" or "allow"')
+        has_text, has_messages = isinstance(obj.get("text"), str), isinstance(obj.get("messages"), list)
+        if has_text == has_messages:
+            raise ModerationError(f'{where}: a row has either "text" or "messages"')
+        rows.append(EvalRow(str(obj.get("id", f"{path.stem}-{n}")), expected, list(obj.get("categories") or []),
+                            obj.get("kind") or ("single" if has_text else "conversation"), list(obj.get("tags") or []),
+                            obj.get("text"), obj.get("messages"), obj.get("output") if isinstance(obj.get("output"), str) else None))
+    if not rows:
+        raise ModerationError(f"{path}: no rows")
+    return rows
+
+
+def resolve_split(split: str, eval_dir: Path = EVAL_DIR) -> Path:
+    """`heldout`/`dev` under data/moderation/eval, or a path to a JSONL file."""
+    path = Path(split)
+    return path if path.suffix == ".jsonl" or path.is_file() else eval_dir / f"{split}.jsonl"
+
+
+def check_frozen(path: Path) -> str | None:
+    """The recorded sha256 of a frozen set, checked: a set edited after it was frozen is an error."""
+    sums = path.parent / FROZEN.get(path.stem, "")
+    if path.stem not in FROZEN or not sums.is_file():
+        return None
+    recorded = sums.read_text().split()[0]
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if recorded != actual:
+        raise ModerationError(f"{path} changed after it was frozen (sha256 {actual[:12]} != recorded {recorded[:12]} in {sums}); "
+                              "a frozen evaluation set is never edited")
+    return actual
 
 
 @dataclass
 class ModerationEval:
     split: str
     rows: int
-    per_category: dict
-    groups: dict
-    fpr_adult_fiction: float
-    fpr_children_nonsexual: float
-    fpr_all_allowed: float
-    obfuscated_recall: dict
+    sha256: str | None
+    metrics: dict
     out_dir: Path
 
     def to_json(self) -> dict:
-        return {
-            "split": self.split, "rows": self.rows, "per_category": self.per_category, "groups": self.groups,
-            "fpr_adult_fiction": self.fpr_adult_fiction, "fpr_children_nonsexual": self.fpr_children_nonsexual,
-            "fpr_all_allowed": self.fpr_all_allowed, "obfuscated_recall": self.obfuscated_recall, "out_dir": str(self.out_dir),
-        }
+        return {"split": self.split, "rows": self.rows, "sha256": self.sha256, **self.metrics, "out_dir": str(self.out_dir)}
 
 
-def _ratio(a: int, b: int) -> float:
-    return round(a / b, 4) if b else float("nan")
+def _ratio(a: int, b: int) -> float | None:
+    return round(a / b, 4) if b else None
 
 
-def resolve_split(split: str, data_dir: Path = DATA_DIR) -> Path:
-    """`test`/`dev`/`train` under data/moderation, or a path to a JSONL file."""
-    path = Path(split)
-    return path if path.suffix == ".jsonl" or path.is_file() else data_dir / f"{split}.jsonl"
+def _rate(pairs, want_block: bool) -> dict:
+    pairs = list(pairs)
+    hit = sum((not d.allowed) == want_block for _, d in pairs)
+    return {"rows": len(pairs), "rate": _ratio(hit, len(pairs)), "count": hit}
 
 
-def evaluate_moderation(split: str = "test", adapter: str = "embedded", out_dir: Path | None = None,
-                        data_dir: Path = DATA_DIR, batch_size: int = 64) -> ModerationEval:
-    from llmtune.moderation.normalize import canonical
+def screen_rows(screener, rows: list[EvalRow]) -> list:
+    """One decision per row, as the gateway would decide it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    decisions = [None] * len(rows)
+    singles = [i for i, r in enumerate(rows) if r.text is not None]
+    for i, d in zip(singles, screener.screen_batch([rows[i].text for i in singles])):
+        decisions[i] = d
+    convs = [i for i, r in enumerate(rows) if r.messages is not None]
+    with Progress("conversations", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("conversations", total=len(convs))
+        for i in convs:
+            decisions[i] = screener.screen_conversation(rows[i].messages, reply=rows[i].output)
+            bar.advance(task)
+    return decisions
+
+
+def metrics_for(rows: list[EvalRow], decisions: list) -> dict:
+    pairs = list(zip(rows, decisions))
+    blocks = [(r, d) for r, d in pairs if r.expected == "block"]
+    allows = [(r, d) for r, d in pairs if r.expected == "allow"]
+    per_category = {}
+    for cat in sorted({c for r, _ in blocks for c in r.categories} | set(HARD_FLOOR)):
+        sel = [(r, d) for r, d in blocks if cat in r.categories]
+        exact = sum(cat in d.categories for _, d in sel)
+        caught = sum(not d.allowed for _, d in sel)
+        per_category[cat] = {"positives": len(sel), "caught": caught, "recall": _ratio(caught, len(sel)),
+                             "exact_recall": _ratio(exact, len(sel))}
+    fpr = {g: _rate([(r, d) for r, d in allows if r.allow_group == g], True) for g in ALLOW_GROUPS}
+    fpr["all_allowed"] = _rate(allows, True)
+    by = {}
+    for name, key in (("kind", lambda r: r.kind), ("language", lambda r: r.tag("lang") or "en"),
+                      ("obfuscation", lambda r: r.tag("obf"))):
+        table: dict[str, dict] = {}
+        for value in sorted({key(r) for r, _ in pairs if key(r)}):
+            table[value] = {"recall": _rate([(r, d) for r, d in blocks if key(r) == value], True),
+                            "fpr": _rate([(r, d) for r, d in allows if key(r) == value], True)}
+        by[name] = table
+    layers: dict[str, int] = {}
+    for _, d in blocks:
+        layers[d.layer] = layers.get(d.layer, 0) + 1
+    return {"per_category": per_category, "fpr": fpr, "by": by, "block_layers": layers,
+            "accuracy": _ratio(sum((not d.allowed) == (r.expected == "block") for r, d in pairs), len(pairs))}
+
+
+def evaluate_moderation(split: str = "heldout", adapter: str = "embedded", out_dir: Path | None = None,
+                        eval_dir: Path = EVAL_DIR, show_rows: bool | None = None) -> ModerationEval:
     from llmtune.moderation.screener import Screener
 
-    path = resolve_split(split, data_dir)
-    rows = read_rows(path)
+    path = resolve_split(split, eval_dir)
+    sha = check_frozen(path)
+    rows = read_eval_rows(path)
+    show_rows = (path.stem != "heldout") if show_rows is None else show_rows
     out_dir = Path(out_dir or Path("runs") / "moderation-eval" / path.stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     screener = Screener(ModerationConfig(adapter=adapter))
-    console.print(f"moderation eval: {len(rows)} rows from {path}; adapter {screener.adapter.dir} ({screener.adapter.precision})")
-
-    decisions = screener.screen_batch([r.text for r in rows], batch_size=batch_size, progress=True)
-    rule_hits = [{h.category for h in screener.rules.match(r.text)} for r in rows]
-    raw = screener.adapter.scores([canonical(r.text) for r in rows], batch_size)
-    cats = list(BUILTIN_CATEGORIES)
-    thresholds = screener.thresholds
-
-    per_category = {}
-    for j, cat in enumerate(cats):
-        tp = fp = fn = tn = 0
-        rules_tp = adapter_tp = adapter_fp = rules_fp = 0
-        for row, d, hits, s in zip(rows, decisions, rule_hits, raw):
-            truth, pred = cat in row.labels, cat in d.categories
-            tp += truth and pred
-            fn += truth and not pred
-            fp += (not truth) and pred
-            tn += (not truth) and not pred
-            rules_tp += truth and cat in hits
-            rules_fp += (not truth) and cat in hits
-            adapter_tp += truth and s[j] >= thresholds[cat]
-            adapter_fp += (not truth) and s[j] >= thresholds[cat]
-        per_category[cat] = {
-            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-            "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "fpr": _ratio(fp, fp + tn),
-            "rules_recall": _ratio(rules_tp, tp + fn), "adapter_recall": _ratio(adapter_tp, tp + fn),
-            "rules_fpr": _ratio(rules_fp, fp + tn), "adapter_fpr": _ratio(adapter_fp, fp + tn),
-            "threshold": thresholds[cat],
-        }
-
-    groups: dict[str, dict] = {}
-    for row, d in zip(rows, decisions):
-        g = groups.setdefault(row.group or ("blocked" if row.labels else "allowed"), {"rows": 0, "blocked": 0, "allowed_label": not row.labels})
-        g["rows"] += 1
-        g["blocked"] += not d.allowed
-    for g in groups.values():
-        g["block_rate"] = _ratio(g["blocked"], g["rows"])
-
-    def fpr_of(names: tuple[str, ...] | None) -> float:
-        sel = [(r, d) for r, d in zip(rows, decisions) if not r.labels and (names is None or r.group in names)]
-        return _ratio(sum(not d.allowed for _, d in sel), len(sel))
-
-    obf: dict[str, dict] = {}
-    for row, d in zip(rows, decisions):
-        if row.obfuscation and row.labels:
-            o = obf.setdefault(row.obfuscation, {"positives": 0, "caught": 0})
-            o["positives"] += 1
-            o["caught"] += set(row.labels) <= set(d.categories)
-    for o in obf.values():
-        o["recall"] = _ratio(o["caught"], o["positives"])
-
-    result = ModerationEval(path.stem, len(rows), per_category, groups, fpr_of(ADULT_FICTION_GROUPS),
-                            fpr_of(CHILDREN_NONSEXUAL_GROUPS), fpr_of(None), obf, out_dir)
+    console.print(f"moderation eval: {len(rows)} rows from {path}" + (f" (frozen, sha256 {sha[:12]}: ok)" if sha else "")
+                  + f"; adapter {screener.adapter.dir} ({screener.adapter.precision})")
+    decisions = screen_rows(screener, rows)
+    result = ModerationEval(path.stem, len(rows), sha, metrics_for(rows, decisions), out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
-    _write_confusion(result, out_dir / "confusion.md", rows, decisions)
-    _plot_pr(rows, raw, cats, thresholds, out_dir / "pr_curves.png")
+    _write_report(result, out_dir / "report.md", rows, decisions, show_rows)
     _print(result)
     return result
 
 
-def _write_confusion(result: ModerationEval, path: Path, rows: list[Row], decisions) -> None:
-    lines = [f"# Moderation confusion table: split `{result.split}` ({result.rows} rows)", "",
-             "| category | TP | FP | FN | TN | precision | recall | FPR | rules recall | adapter recall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for cat, m in result.per_category.items():
-        lines.append(f"| {cat} | {m['tp']} | {m['fp']} | {m['fn']} | {m['tn']} | {m['precision']:.3f} | {m['recall']:.3f} | "
-                     f"{m['fpr']:.3f} | {m['rules_recall']:.3f} | {m['adapter_recall']:.3f} |")
-    lines += ["", "## Block rate per row group", "", "| group | rows | blocked | block rate | should be |", "|---|---:|---:|---:|---|"]
-    for name, g in sorted(result.groups.items()):
-        lines.append(f"| {name} | {g['rows']} | {g['blocked']} | {g['block_rate']:.3f} | {'allowed' if g['allowed_label'] else 'blocked'} |")
-    lines += ["", f"False-positive rate, benign adult fiction: {result.fpr_adult_fiction:.3f}",
-              f"False-positive rate, non-sexual mentions of children: {result.fpr_children_nonsexual:.3f}",
-              f"False-positive rate, all allowed rows: {result.fpr_all_allowed:.3f}", "", "## Errors", ""]
-    for row, d in zip(rows, decisions):
-        missed = set(row.labels) - set(d.categories)
-        extra = set(d.categories) - set(row.labels)
-        if missed or extra:
-            kind = f"missed {sorted(missed)}" if missed else f"over-blocked {sorted(extra)}"
-            lines.append(f"- {kind} [{d.layer}] {json.dumps(row.text, ensure_ascii=True)[:200]}")
+def _write_report(result: ModerationEval, path: Path, rows, decisions, show_rows: bool) -> None:
+    m = result.metrics
+    lines = [f"# Moderation eval: `{result.split}` ({result.rows} rows)", ""]
+    lines += ["| category | positives | recall (blocked) | recall (this category) |", "|---|---:|---:|---:|"]
+    for cat, c in m["per_category"].items():
+        lines.append(f"| {cat} | {c['positives']} | {c['recall']} | {c['exact_recall']} |")
+    lines += ["", "| allowed rows | rows | false-positive rate |", "|---|---:|---:|"]
+    for g, f in m["fpr"].items():
+        lines.append(f"| {g} | {f['rows']} | {f['rate']} |")
+    for name, table in m["by"].items():
+        lines += ["", f"| {name} | blocks | recall | allows | FPR |", "|---|---:|---:|---:|---:|"]
+        for value, t in table.items():
+            lines.append(f"| {value} | {t['recall']['rows']} | {t['recall']['rate']} | {t['fpr']['rows']} | {t['fpr']['rate']} |")
+    lines += ["", f"Blocks by layer: {m['block_layers']}", ""]
+    if show_rows:
+        lines += ["## Errors", ""]
+        for r, d in zip(rows, decisions):
+            if (not d.allowed) != (r.expected == "block"):
+                what = f"missed {r.categories}" if r.expected == "block" else f"over-blocked {d.categories} [{d.layer}]"
+                shown = r.text if r.text is not None else (r.output or (r.messages or [{}])[-1].get("content", ""))
+                lines.append(f"- {r.id} {what} {r.kind} {r.tags}: {json.dumps(shown, ensure_ascii=False)[:220]}")
+                if not d.allowed:
+                    lines.append(f"  - evidence: {json.dumps(d.evidence[:3], ensure_ascii=False)[:300]}")
+    else:
+        lines.append("Row-level errors are not written for a frozen held-out set.")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _plot_pr(rows: list[Row], raw: list[list[float]], cats: list[str], thresholds: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for j, cat in enumerate(cats):
-        scored = sorted(((s[j], cat in r.labels) for s, r in zip(raw, rows)), reverse=True)
-        positives = sum(t for _, t in scored)
-        if not positives:
-            continue
-        tp = fp = 0
-        xs, ys, mark = [], [], None
-        for score, truth in scored:
-            tp += truth
-            fp += not truth
-            xs.append(tp / positives)
-            ys.append(tp / (tp + fp))
-            if mark is None and score < thresholds[cat]:
-                mark = (xs[-2] if len(xs) > 1 else xs[-1], ys[-2] if len(ys) > 1 else ys[-1])
-        line, = ax.plot(xs, ys, label=f"{cat} (t={thresholds[cat]:.2f})")
-        if mark:
-            ax.plot(*mark, "o", color=line.get_color())
-    ax.set_xlabel("recall (adapter alone)")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Moderation adapter: precision-recall per category (dot = calibrated threshold)")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _print(result: ModerationEval) -> None:
     from rich.table import Table
 
-    table = Table(title=f"moderation eval: {result.split} ({result.rows} rows), rules + adapter")
-    for col in ("category", "precision", "recall", "FPR", "rules recall", "adapter recall"):
+    m = result.metrics
+    table = Table(title=f"moderation eval: {result.split} ({result.rows} rows)")
+    for col in ("category", "positives", "recall", "exact"):
         table.add_column(col, justify="left" if col == "category" else "right")
-    for cat, m in result.per_category.items():
-        table.add_row(cat, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['fpr']:.3f}", f"{m['rules_recall']:.3f}",
-                      f"{m['adapter_recall']:.3f}")
+    for cat, c in m["per_category"].items():
+        table.add_row(cat, str(c["positives"]), f"{c['recall']}", f"{c['exact_recall']}")
     console.print(table)
-    console.print(f"false-positive rate: benign adult fiction {result.fpr_adult_fiction:.3f}, non-sexual mentions of "
-                  f"children {result.fpr_children_nonsexual:.3f}, all allowed rows {result.fpr_all_allowed:.3f}")
-    if result.obfuscated_recall:
-        console.print("obfuscated positives caught: " + ", ".join(
-            f"{k} {v['caught']}/{v['positives']}" for k, v in sorted(result.obfuscated_recall.items())))
-    console.print(f"wrote {result.out_dir / 'metrics.json'}, {result.out_dir / 'confusion.md'}, {result.out_dir / 'pr_curves.png'}")
+    console.print("false-positive rate: " + ", ".join(f"{g} {f['rate']} ({f['count']}/{f['rows']})" for g, f in m["fpr"].items()))
+    console.print(f"wrote {result.out_dir / 'metrics.json'} and {result.out_dir / 'report.md'}")
+
+
+# The categories the eval knows, for the CLI's help text.
+CATEGORIES = BUILTIN_CATEGORIES

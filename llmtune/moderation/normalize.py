@@ -39,16 +39,44 @@ _BLANK_FILLERS = dict.fromkeys(map(ord, "\u115f\u1160\u3164\uffa0\u2800\u180e"),
 # lower case seen in the wild).
 _EXTRA_SKELETON = {"χ": "x", "κ": "k", "τ": "t", "ν": "v", "ι": "i", "ω": "w", "ς": "c", "ϲ": "c", "η": "n", "β": "b",
                    "γ": "y", "ε": "e", "ϱ": "p", "ɪ": "i", "ʟ": "l", "ᴄ": "c", "к": "k", "м": "m", "т": "t", "ј": "j",
-                   "ԛ": "q", "ԝ": "w", "ɢ": "g", "ӏ": "l", "Ӏ": "l", "ǀ": "l"}
+                   "ԛ": "q", "ԝ": "w", "ɢ": "g", "ӏ": "l", "Ӏ": "l", "ǀ": "l", "є": "e", "ѕ": "s", "і": "i", "у": "y",
+                   "х": "x", "с": "c", "о": "o", "р": "p", "а": "a", "е": "e", "һ": "h", "ԁ": "d", "ɡ": "g", "ɑ": "a",
+                   "¢": "c", "ℓ": "l", "ρ": "p", "υ": "u", "ο": "o", "α": "a", "ѵ": "v", "ƅ": "b", "ɩ": "i", "ʂ": "s",
+                   "ɾ": "r", "ȥ": "z", "λ": "a", "σ": "o", "ø": "o", "ß": "b", "∂": "d", "ɛ": "e", "ʃ": "s", "ɣ": "y",
+                   "п": "n", "г": "r", "и": "u", "л": "n", "в": "b", "н": "h", "д": "a", "ь": "b", "ш": "w", "ц": "u",
+                   "ф": "o", "я": "r", "ж": "x", "з": "e", "э": "e", "ю": "io", "μ": "u", "π": "n", "θ": "o", "δ": "d",
+                   "ψ": "y", "ξ": "e", "ζ": "z", "φ": "o", "ј": "j", "ԍ": "g", "ɦ": "h", "ɱ": "m", "ɲ": "n", "ƞ": "n"}
+
+
+# Unicode names of letters that are a Latin letter in another dress: small capitals, circled,
+# squared and parenthesised letters, regional indicators, modifier and subscript letters.
+_LATIN_DRESS = re.compile(
+    r"(?:LATIN LETTER SMALL CAPITAL|CIRCLED LATIN (?:SMALL|CAPITAL) LETTER|NEGATIVE CIRCLED LATIN CAPITAL LETTER"
+    r"|SQUARED LATIN CAPITAL LETTER|NEGATIVE SQUARED LATIN CAPITAL LETTER|REGIONAL INDICATOR SYMBOL LETTER"
+    r"|PARENTHESIZED LATIN SMALL LETTER|MODIFIER LETTER (?:SMALL|CAPITAL)|LATIN SUBSCRIPT SMALL LETTER"
+    r"|LATIN (?:SMALL|CAPITAL) LETTER) ([A-Z])(?: WITH .*)?$"
+)
+
+
+def _dressed_latin() -> dict[int, str]:
+    table: dict[int, str] = {}
+    for cp in range(0x80, 0x20000):
+        name = unicodedata.name(chr(cp), "")
+        m = _LATIN_DRESS.match(name) if name else None
+        if m:
+            table[cp] = m.group(1).lower()
+    return table
 
 
 @lru_cache(maxsize=1)
 def _skeleton_table() -> dict[int, str]:
     """Map each non-ASCII character that looks like one ASCII letter or digit to it (lower case).
-    Lower-case targets win over upper-case ones (Cyrillic palochka reads "l", not "I"), letters over digits."""
+    Lower-case targets win over upper-case ones (Cyrillic palochka reads "l", not "I"), letters over digits.
+    Letters that are Latin letters by name (small capitals, circled or squared letters, regional
+    indicators) map to their letter."""
     from confusable_homoglyphs.confusables import confusables_data
 
-    table: dict[int, str] = {}
+    table: dict[int, str] = dict(_dressed_latin())
     for char, glyphs in confusables_data.items():
         if len(char) != 1 or ord(char) < 128:
             continue  # never remap ASCII itself ("l" vs "1" is the leetspeak fold's job)
@@ -176,13 +204,19 @@ def _segment(run: str) -> str:
 
 
 # Any two single digits split by spacing: "aged 4 0" reads as 40 in this view (the plain view keeps 4 and 0).
-_SPACED_DIGITS = re.compile(r"(?<![\d.])(\d)[ ._*]{1,2}(\d)(?![\d])")
+_SPACED_DIGITS = re.compile(r"(?<![\w.])(\d)[ ._*]{1,2}(\d)(?![\w])")
 
 
 def collapse_spacing(text: str, segment: bool = True) -> str:
     """Join letter-spaced runs; with `segment`, split the result around vocabulary words."""
     join = _segment if segment else (lambda run: re.sub(r"(?<=[a-z])(?=\d)", " ", run))
-    text = _SPACED.sub(lambda m: join(_SEPARATORS.sub("", m.group(0))), text)
+
+    def collapse(m: re.Match) -> str:
+        # "s e x y  s t o r y": single separators inside a word, a wider gap between words
+        words = re.split(r"\s{2,}|\s*[/|]\s*(?=\S\s)", m.group(0))
+        return " ".join(join(_SEPARATORS.sub("", w)) for w in words if w.strip())
+
+    text = _SPACED.sub(collapse, text)
     return _SPACED_DIGITS.sub(r"\1\2", _SPLIT_DIGITS.sub(r"\1\2", text))
 
 
@@ -225,8 +259,8 @@ def _fold_part(part: str, one: str) -> str:
         if known is not None:
             lead_q = len(part) - len(part.lstrip("\"'"))
             return part[:lead_q] + known + part[lead_q + len(whole):]
-    if not core or not any(c in _LEET for c in core):
-        return part
+    if not core or not any(c in _LEET for c in core) or any(c.isalpha() and ord(c) > 0x24F for c in core):
+        return part  # nothing to fold, or a word in another script ("15歳"): leetspeak is Latin
     known = _vocab_reading(core)
     if known is not None:
         core = known
@@ -312,15 +346,64 @@ def numbers_to_digits(text: str) -> str:
 # Views
 
 
+# Letters split by a separator inside one word, where one side is short ("chi-ld", "se.xy",
+# "fif-teen"): the joined reading is an extra view. Ordinary compounds ("well-known") have two
+# long sides and stay as they are.
+_SPLIT_WORD = re.compile(r"(?<![a-z])([a-z]{1,3})[-_.*·•]+(?=[a-z]{2,}\b)|(?<![a-z])([a-z]{2,})[-_.*·•]+(?=[a-z]{1,3}(?![a-z]))")
+
+
+def join_split_words(text: str) -> str:
+    """"chi-ld" -> "child", "se.xy" -> "sexy"; repeated until no short split is left."""
+    for _ in range(4):
+        joined = _SPLIT_WORD.sub(lambda m: m.group(1) or m.group(2), text)
+        if joined == text:
+            break
+        text = joined
+    return text
+
+
+def native(text: str) -> str:
+    """The text as its own language reads it: NFKC, lower case, invisible and format characters
+    removed, accents and scripts kept. The multilingual lexicons match this view."""
+    text = unicodedata.normalize("NFKC", text)
+    if not text.isascii():
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf").translate(_BLANK_FILLERS)
+    return text.lower()
+
+
+# Emoji used as sexual cues, read as the word they stand in for (rules and classifier alike).
+EMOJI_WORDS = {"🍆": "nsfw", "🍑": "nsfw", "💦": "nsfw", "👅": "nsfw", "🥵": "nsfw", "🔞": "nsfw", "🫦": "nsfw",
+               "🌶": "spicy", "🌶️": "spicy", "💋": "kiss", "😘": "kiss",
+               # people and places that are cues for minors, animals for bestiality
+               "🧒": "child", "👶": "baby", "👦": "boy child", "👧": "girl child", "🏫": "school", "🎒": "school kid",
+               "🐕": "dog", "🐶": "dog", "🐴": "horse", "🐎": "horse"}
+_EMOJI = re.compile("|".join(sorted(map(re.escape, EMOJI_WORDS), key=len, reverse=True)))
+
+
+def emoji_words(text: str) -> str:
+    return _EMOJI.sub(lambda m: f" {EMOJI_WORDS[m.group(0)]} ", text) if not text.isascii() else text
+
+
 def _base(text: str) -> tuple[str, list[str]]:
-    """Folded, lower-cased text with base64 spans decoded in place, plus any tag-character payload."""
+    """Folded, lower-cased text with base64 spans decoded in place, plus the hidden readings:
+    a tag-character payload, the visual order of right-to-left overrides, and every decoded
+    reading (ROT13 and other shifts, reversed text, hex, URL escapes, HTML entities, binary, Morse)."""
+    from llmtune.moderation.decode import bidi_visual, decoded_readings
+
     hidden = tag_payload(text)
-    text, _ = decode_base64_spans(fold(text))
+    text = text[:_MAX_VIEW_CHARS] if len(text) > _MAX_VIEW_CHARS else text
+    visual = bidi_visual(unicodedata.normalize("NFKC", text))
+    text, _ = decode_base64_spans(emoji_words(fold(text)))
     extra = []
-    if hidden:
-        payload, _ = decode_base64_spans(fold(hidden))
+    for raw in ([hidden] if hidden else []) + ([visual] if visual is not None else []):
+        payload, _ = decode_base64_spans(fold(raw))
         extra.append(payload.lower())
+    extra += [r.text.lower() for r in decoded_readings(text)]
     return text.lower(), extra
+
+
+# Views are built from at most this many characters of a text (callers window longer texts).
+_MAX_VIEW_CHARS = 50_000
 
 
 def views(text: str) -> list[str]:
@@ -336,6 +419,9 @@ def views(text: str) -> list[str]:
         if has_leet(v):
             candidates += [unleet(v), unleet(v, one_as_l=True)]
             candidates += [collapse_spacing(unleet(v)), collapse_spacing(unleet(v, one_as_l=True))]
+        joined = join_split_words(v)
+        if joined != v:
+            candidates.append(joined)
         for c in candidates:
             c = numbers_to_digits(c)
             if c not in out:
@@ -357,7 +443,7 @@ def _spacing_scanner():
     sep = rf"[{_WS}.\-_*·•|/\\,+~]"
     spaced = rf"(?:^|[^a-z0-9])(?:[a-z0-9]{sep}{{1,3}}){{2,}}[a-z0-9](?:$|[^a-z0-9])"
     split_digits = rf"(?:^|[^0-9])[0-9][{_WS}.\-_*]{{1,2}}[0-9][{_WS}]*[-{_WS}]?[{_WS}]*(?:y|years?|yrs?)(?:$|[^a-z0-9_])"
-    spaced_digits = r"(?:^|[^0-9.])[0-9][ ._*]{1,2}[0-9](?:$|[^0-9])"
+    spaced_digits = r"(?:^|[^a-z0-9_.])[0-9][ ._*]{1,2}[0-9](?:$|[^a-z0-9_])"
     return re2.compile(f"{spaced}|{split_digits}|{spaced_digits}")
 
 
@@ -374,19 +460,39 @@ def plain_view(text: str) -> str | None:
     """The one view of a text that has nothing to undo, or None when any normalisation step could
     change it. For plain text `views(text) == [plain_view(text)]` exactly: ASCII (so no Unicode
     folding, tag or invisible characters), no base64-looking span, no letter spacing, no token that
-    leetspeak folding changes. Costs a few regex scans instead of building every view."""
+    leetspeak folding changes, no word split by a separator, nothing a decoder could read
+    (decode.needs_decoding). Costs a few regex scans instead of building every view."""
     if not text.isascii() or any(_decode_b64(m.group(0)) is not None for m in _B64_SPAN.finditer(text)):
         return None
     low = text.lower()
     if _spacing_scanner().search(low):  # collapse_spacing would change it
         return None
-    if has_leet(low):
+    if has_leet(low) or join_split_words(low) != low:
+        return None
+    from llmtune.moderation.decode import needs_decoding
+
+    if needs_decoding(low):
         return None
     return numbers_to_digits(low) if _number_word_scanner().search(low) else low
 
 
+def _mostly_other_script(text: str) -> bool:
+    """More than half the letters are neither Latin nor look-alikes used inside Latin words:
+    Russian, Greek, Japanese or Chinese text, whose own letters the classifier should read."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return False
+    latin = sum(c.isascii() or unicodedata.name(c, "").startswith("LATIN") for c in letters)
+    return latin < 0.5 * len(letters)
+
+
 def canonical(text: str) -> str:
-    """The single view the adapter reads: folded, decoded, spacing collapsed, leetspeak folded."""
+    """The single view the adapter reads: folded, decoded, spacing collapsed, leetspeak folded.
+    Text mostly in another script (Cyrillic, Greek, CJK) is read in its own letters (`native`),
+    not mapped to Latin look-alikes; its decoded readings are appended."""
     base, extra = _base(text)
-    parts = [unleet(collapse_spacing(v)) if has_leet(v) else collapse_spacing(v) for v in [base, *extra]]
+    if _mostly_other_script(text):
+        base = native(text)
+    # hidden readings first: a text that is all ROT13 or hex reads as its decoding in the first window
+    parts = [join_split_words(unleet(collapse_spacing(v)) if has_leet(v) else collapse_spacing(v)) for v in [*extra, base]]
     return re.sub(r"\s+", " ", " ".join(parts)).strip()

@@ -8,18 +8,23 @@ environment variable can lower it.
 
 from __future__ import annotations
 
+import difflib
 import re
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # Screened in every stage whatever the config says: sexual content involving minors, and
 # sexual content about real, identifiable people.
 HARD_FLOOR: tuple[str, ...] = ("minor_sexual", "real_person_sexual")
 # Built-in categories a platform may switch off; all default to blocked.
 CONFIGURABLE: tuple[str, ...] = ("sexual_violence", "bestiality", "illegal_instructions")
-# The adapter's heads, in logit order.
+# The adapter's blocking heads, in logit order.
 BUILTIN_CATEGORIES: tuple[str, ...] = HARD_FLOOR + CONFIGURABLE
+# Signal heads after them: never block on their own; they feed the conversation's facts (a turn
+# is sexual or romantic; a participant is a minor; a real person is involved).
+SIGNALS: tuple[str, ...] = ("sexual", "minor", "real_person")
 
 CATEGORY_DESCRIPTIONS: dict[str, str] = {
     "minor_sexual": "sexual or romantic-sexual content involving a minor, whatever the framing (hard floor)",
@@ -30,6 +35,22 @@ CATEGORY_DESCRIPTIONS: dict[str, str] = {
 }
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{1,47}$")
+
+
+def policy_categories(policy_file: str | None) -> list[str]:
+    """The category names a platform policy file defines (read lightly: its keys only). A file
+    that is missing or unreadable defines none here; the screener reports it when it loads."""
+    if not policy_file:
+        return []
+    try:
+        import yaml
+
+        doc = yaml.safe_load(Path(policy_file).expanduser().read_text(encoding="utf-8")) or {}
+        return [str(k) for k in (doc.get("categories") or {})] if isinstance(doc, dict) else []
+    except (OSError, ValueError, AttributeError):
+        return []
+    except Exception:  # noqa: BLE001 - a YAML error is reported by the screener with its line
+        return []
 
 
 def _floor_error(key: str, what: str) -> ValueError:
@@ -53,19 +74,19 @@ class ModerationConfig(BaseModel):
             "either way and cannot be turned off."
         ),
     )
+    policy_file: str | None = Field(
+        None,
+        description=(
+            "A platform's YAML policy: extra categories with keyword/regex rules, and its own list of "
+            "real people's names (see docs/moderation.md)."
+        ),
+    )
     categories: dict[str, bool] = Field(
         default_factory=lambda: dict.fromkeys(CONFIGURABLE, True),
         description=(
             "Configurable categories to block (default: all true): sexual_violence, bestiality, "
             "illegal_instructions, plus any the policy file defines. Setting minor_sexual or "
             "real_person_sexual to false is an error: the hard floor cannot be turned off."
-        ),
-    )
-    policy_file: str | None = Field(
-        None,
-        description=(
-            "A platform's YAML policy: extra categories with keyword/regex rules, and its own list of "
-            "real people's names (see docs/moderation.md)."
         ),
     )
     real_person_names_file: str | None = Field(
@@ -81,6 +102,15 @@ class ModerationConfig(BaseModel):
         description=(
             "Override the adapter's calibrated score thresholds for configurable categories only "
             "(0 < t <= 1); the floor's thresholds are frozen at calibration."
+        ),
+    )
+    bulk: Literal["cascade", "full"] = Field(
+        "cascade",
+        description=(
+            "How `prepare` screens training data. `cascade`: a conversation that no rule or fact could block and that "
+            "the classifier's distilled first stage clears skips the full screen (measured against the full classifier in "
+            "docs/moderation.md); `full`: every conversation through rules, facts and the classifier. The gateway always "
+            "screens in full."
         ),
     )
     precision: Literal["auto", "float32", "bfloat16"] = Field(
@@ -104,10 +134,16 @@ class ModerationConfig(BaseModel):
 
     @field_validator("categories")
     @classmethod
-    def _category_names(cls, value: dict[str, bool]) -> dict[str, bool]:
+    def _category_names(cls, value: dict[str, bool], info: ValidationInfo) -> dict[str, bool]:
         bad = [k for k in value if not _NAME.match(k)]
         if bad:
             raise ValueError(f"category names are lower_snake_case (a-z, 0-9, _); got {bad}")
+        known = [*CONFIGURABLE, *policy_categories(info.data.get("policy_file"))]
+        for key in value:
+            if key not in known and key not in HARD_FLOOR:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f"did you mean `{close[0]}`?" if close else f"known: {', '.join(known)}"
+                raise ValueError(f"unknown category `{key}`; {hint} (platform categories come from moderation.policy_file)")
         return value
 
     @field_validator("thresholds")

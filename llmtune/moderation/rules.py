@@ -70,6 +70,9 @@ _EXEMPT = _rx(
     r"|minor(?:ed|ing)? in (?!the |a |an |his |her |their |my |your |our |this |that )\w+"
     r"|(?:no|not|never|without|zero|nobody|no one|none)(?: of them)?(?: is| are| was| were| being)?(?: a| an| any)?[\s-]*(?:minors?|underage|under[\s-]age|children|kids?|child|teens?|teenagers?)"
     r"|(?:no ?one|nobody|none|not) (?:is |are )?(?:under|below|younger than) (?:the age of )?18"
+    r"|(?:no|not|without|never|zero|nothing)(?: any)?[\s-]+(?:age[\s-]?play(?:ing)?|age[\s-]?regression|little[\s-]?space|ddlg)"
+    r"|(?:not|no|isn'?t|is not|aren'?t|never|nor)(?: a| an| the| any)?[\s-]+real(?:[\s-]life)?(?: \w+)?"
+    r"|\b[a-g](?:[\s-]?(?:flat|sharp|♭|♯))?[\s-]+minor\b|\bminor (?:key|scale|chord|third|seventh|mode)s?"
     r"|(?:are|is|all|both|everyone|characters?|participants?)(?: are| is)? (?:adults?|18\+|over 18|18 or older)"
     r")"
 )
@@ -159,8 +162,12 @@ _AGE_PATTERNS = [
     _rx(r"\b(?:in|a|an|the)\s+grade\s*(\d{1,2})\b|\bgrade\s*(\d{1,2})\s+(?:students?|pupils?|girls?|boys?|kids?|class\w*)\b"),
     _rx(r"\byear\s*(\d{1,2})\s+(?:students?|pupils?|girls?|boys?|kids?|class(?:es|mates?)?|form)\b|\bin year (\d{1,2})\b(?=\s+(?:at|of|in)\s+(?:school|secondary|primary))"),
 ]
-# Which _AGE_PATTERNS index reads a school grade (grade N ~ age N + 5) rather than an age.
-_GRADE_PATTERNS = {9, 10, 11}
+# The patterns above that read a school grade or year (grade N ~ age N + 5; UK year N ~ age
+# N + 4) rather than an age. Named, not indexed: an index list silently pointed at the wrong
+# patterns once, so "Mia (16)" and "16/f" were read as grades and never fired.
+_GRADE_PATTERNS = frozenset(_AGE_PATTERNS[-3:])
+_UK_YEAR_PATTERN = _AGE_PATTERNS[-1]
+assert all("grade" in p.pattern or "year" in p.pattern for p in _GRADE_PATTERNS)
 _MINOR_PHRASES = _rx(
     r"\b(?:children|child|child's|children's|kids?|kid's|kiddos?|kiddies?|minors?(?!\s+(?:" + _MINOR_NOUN_EXCLUSIONS + r")\b)"
     r"|underaged?|under[\s-]age|preteens?|pre-teens?|tweens?|toddlers?|infants?|prepubescent|pre-pubescent|pubescent"
@@ -175,10 +182,14 @@ _MINOR_PHRASES = _rx(
     r"|age[\s-]?play(?:ing)?|age[\s-]regress\w*|agere(?:g|gression)?|little[\s-]?space|ddlg|mdlb|mdlg|ddlb|abdl|cgl)\b"
 )
 _TEEN = _rx(r"\b(?:teens?|teenage|teenagers?|teenaged|teeny|teenie|young teens?)\b")
-_EUPHEMISM = _rx(r"(?:['\"‘]cubs?['\"’]|\bcubs? (?:characters?|personas?|ocs?)\b)|\b(?:lol[il]s?|lolita|shotas?|pedo\w*|paedo\w*|pedophil\w*|paedophil\w*|hebephil\w*|ephebophil\w*|chomo)\b")
+_EUPHEMISM = _rx(
+    r"(?:['\"‘]cubs?['\"’]|\bcubs? (?:characters?|personas?|ocs?)\b)|\b(?:lol[il]s?|lolita|shotas?|pedo\w*|paedo\w*|pedophil\w*"
+    r"|paedophil\w*|hebephil\w*|ephebophil\w*|chomo|(?:a|an|the|my|some|with|x)\s+(?:jk|jc|js)s?)\b"
+)
 _STANDALONE = _rx(
-    r"\b(?:lolicon|shotacon|toddlercon|csam|child porn\w*|kiddie porn\w*|pthc|jailbait|cp (?:content|pics?|images?|videos?|material|links?|collection)"
-    r"|child (?:sexual )?abuse (?:material|imagery|images|content)|(?:underage|under-age|minor) (?:porn\w*|nudes?|sex|erotica|smut))\b"
+    r"\b(?:lolicon|shotacon|toddlercon|csam|child porn\w*|kiddie porn\w*|pthc|jailbait|cp (?:content|pics?|images?|videos?|material|links?|collection|rp|roleplay|stories|story|stuff|fics?|trades?)"
+    r"|child (?:sexual )?abuse (?:material|imagery|images|content)|(?:underage|under-age|minor) (?:porn\w*|nudes?|sex|erotica|smut)"
+    r"|cheese ?pizza['\"’”]?\s+(?:stories|story|pics?|content|rp|roleplay|videos?|links?|stuff|trades?))\b"
 )
 _APPEARANCE = _rx(
     r"\b(?:(?:child|kid|little girl|little boy|childlike|child-like|kid-like|prepubescent|pre-pubescent|preteen|toddler|\d{1,2}-year-old)'?s?"
@@ -195,9 +206,16 @@ _PEER_ROLE = _rx(
     r"\W{0,3}\s*(?:classmates?|neighbou?rs?|friends?|fans?|followers?|teammates?|students?|pupils?|babysitters?|campers?"
     r"|cousins?|roommates?|coworkers?|co-workers?|tutees?|players?|athletes?|cheerleaders?|character|persona|oc)\b"
 )
+# ... or said to be away: "ages 9 and 12, staying with their aunt this week".
+_ELSEWHERE_AFTER = _rx(
+    r"^[\s,;:)(-]*(?:\w+[\s,]+){0,3}?(?:(?:are|is|were|was)\s+)?(?:staying|away|asleep|sleeping|at (?:school|camp|daycare|a sleepover|"
+    r"(?:their|her|his) (?:grandparents?|grandma'?s?|grandpa'?s?|aunt'?s?|uncle'?s?|dad'?s?|mom'?s?|mum'?s?|father'?s?|mother'?s?|friend'?s?))"
+    r"|with (?:their|her|his) (?:grandparents?|grandma|grandpa|aunt|uncle|dad|mom|mum|father|mother|other parent)|spending the (?:night|weekend|week)"
+    r"|out of (?:the house|town)|upstairs|in bed|visiting)"
+)
 # Someone's own child, or a child who is elsewhere: not a party to the romance around them.
 _DEPENDENT_BEFORE = _rx(
-    r"(?:\b(?:her|his|their|my|our|your|its)\s+(?:\w+\s+)?|\b(?!(?:she|he|it|that|who|there|what|here|where|this|everyone|someone|one)'s)\w+'s\s+(?:\w+\s+)?"
+    r"(?:\b(?:her|his|their|my|our|your|its)\s+(?:\w+[\s,(]+)?|\b(?!(?:she|he|it|that|who|there|what|here|where|this|everyone|someone|one)'s)\w+'s\s+(?:\w+\s+)?"
     r"|\b(?:while|after|once|when|before|until|as soon as)\s+(?:the|their|her|his|our|my|your)\s+(?:\w+\s+)?"
     r"|\b(?:mother|mom|mum|father|dad|parents?|single (?:mom|mum|dad|parent)|widow(?:er)?|nanny|babysitter|teacher|tutor|coach|pediatrician|doctor)"
     r"\s+(?:of|with|to|for)\s+(?:a |an |the |two |three |four |\d+ )?(?:\w+\s+)?"
@@ -325,21 +343,6 @@ def read_name_list(path: Path) -> list[str]:
     return names
 
 
-def _name_pattern(names: list[str]) -> re.Pattern | None:
-    parts = set()
-    for name in names:
-        words = re.findall(r"[a-z0-9]+", fold(name).lower())
-        if not words:
-            continue
-        # "Taylor Swift" also matches "taylor-swift", "taylorswift", "t. swift" is not a name match.
-        # i and l stay interchangeable: a leetspeak "1" may have been read either way
-        parts.add(r"[\s\-_.'’]*".join(re.sub("[il]", "[il]", re.escape(w)) for w in words))
-    if not parts:
-        return None
-    body = "|".join(sorted(parts, key=len, reverse=True))
-    return re.compile(rf"(?<![a-z0-9])(?:{body})(?![a-z0-9])")
-
-
 @dataclass
 class PlatformCategory:
     """A category a platform adds in its policy file: literal keywords and/or regular expressions."""
@@ -400,21 +403,58 @@ def _find_spans(pattern: re.Pattern, text: str) -> list[tuple[int, int]]:
     return [m.span() for m in pattern.finditer(text)]
 
 
+# Nouns that, within a few words after an age, show it is the age of a thing, not a person; a
+# person noun met first ("a 15-year-old girl with a car") settles it the other way.
+_THINGS = frozenset((
+    "whiskey whisky scotch malt wine bourbon rum cognac brandy port tawny sherry madeira cheese cheddar gouda parmesan "
+    "car cars truck van jeep rover landrover mustang ford bmw mercedes volvo porsche toyota honda bike motorcycle motorbike "
+    "tractor boat yacht ship plane house home building manor castle cottage barn tree trees oak vine vines dog dogs cat cats "
+    "horse horses pony mare stallion parrot tortoise bottle bottles company business firm brand marriage relationship "
+    "friendship partnership tradition feud grudge secret mystery case game account laptop phone computer song record photo "
+    "photograph letter diary book novel manuscript painting tank machine robot program recipe sword blade instrument violin "
+    "guitar piano table chair recording video film movie show series mortgage loan lease contract vintage vintages whiskies "
+    "wines cask barrel rug carpet clock watch sweater jacket coat vase statue cellar distillery restaurant bar pub inn tavern"
+).split())
+_PEOPLE = frozenset((
+    "girl girls boy boys kid kids child children son daughter student students pupil woman women man men person people "
+    "character characters teen teenager teenagers lass lad sister brother cousin niece nephew twin twins baby babies toddler "
+    "friend friends classmate neighbor neighbour virgin bride princess prince heir runaway orphan schoolgirl schoolboy she he "
+    "who oc npc persona version self"
+).split())
+_WORD_AFTER = re.compile(r"[a-z]+")
+
+
+def _thing_follows(text: str, end: int) -> bool:
+    for word in _WORD_AFTER.findall(text[end: end + 48])[:3]:
+        if word in _PEOPLE:
+            return False
+        if word in _THINGS:
+            return True
+    return False
+
+
+def _thing_precedes(text: str, start: int) -> bool:
+    before = _WORD_AFTER.findall(text[max(0, start - 24): start])[-2:]
+    return "vintage" in before or "aged" in before and "whisky" in text[start: start + 60]
+
+
 def _minor_cues(text: str) -> tuple[list[_Cue], bool]:
     """Minor cues in `text` (exemptions already blanked) and whether an adult age (>= 18) is stated."""
     cues: list[_Cue] = []
     adult_age = False
-    for i, pattern in enumerate(_AGE_PATTERNS):
+    for pattern in _AGE_PATTERNS:
         for m in pattern.finditer(text):
             numbers = [int(g) for g in m.groups() if g and g.isdigit()]
             if not numbers:
                 continue
             if len(numbers) == 2 and numbers[1] == 0 and numbers[0] < 10:
                 numbers = [numbers[0] * 10]  # "aged 4-0" is a spaced-out 40, not a range
-            if i in _GRADE_PATTERNS:
-                if any(1 <= n <= 12 for n in numbers) or (i == 11 and any(n <= 13 for n in numbers)):
+            if pattern in _GRADE_PATTERNS:
+                if any(1 <= n <= 12 for n in numbers) or (pattern is _UK_YEAR_PATTERN and any(n <= 13 for n in numbers)):
                     cues.append(_Cue(m.span(), "grade", m.group(0).strip()))
                 continue
+            if _thing_follows(text, m.end()) or _thing_precedes(text, m.start()):
+                continue  # "a 16-year-old Land Rover", "a vintage 15-year-old tawny port"
             young = [n for n in numbers if 1 <= n < ADULT_AGE]
             if young:
                 cues.append(_Cue(m.span(), "age", m.group(0).strip()))
@@ -437,7 +477,9 @@ def _minor_cues(text: str) -> tuple[list[_Cue], bool]:
         before = text[max(0, cue.span[0] - 60): cue.span[0]]
         # "his 13-year-old 'girlfriend'", "my 12yo neighbour": a partner or peer, not someone's dependant
         peer = _ROMANTIC_ROLE.match(text, cue.span[1]) or _PEER_ROLE.match(text, cue.span[1])
-        cue.dependent = cue.kind in ("age", "child", "teen") and not peer and bool(_DEPENDENT_BEFORE.search(before))
+        after = text[cue.span[1]: cue.span[1] + 60]
+        cue.dependent = cue.kind in ("age", "child", "teen") and not peer and bool(
+            _DEPENDENT_BEFORE.search(before) or _ELSEWHERE_AFTER.match(after))
     return cues, adult_age
 
 
@@ -519,8 +561,12 @@ class RuleSet:
     """The compiled rules: the built-in floor and configurable rules, a name list, platform categories."""
 
     def __init__(self, names: list[str], platform: list[PlatformCategory] | None = None):
-        self.names = names
-        self.name_pattern = _name_pattern(names)
+        from llmtune.moderation.lexicon import Gazetteer, Person, public_figures
+
+        self.gazetteer = public_figures()
+        self.extra_names = Gazetteer()  # the platform's own list (policy file, names file)
+        for name in names:
+            self.extra_names.add(name, Person(name, "other", ""))
         self.platform = platform or []
         for cat in self.platform:
             cat.compile()
@@ -623,11 +669,11 @@ class RuleSet:
 
     def _real_person(self, text, words, sexual, romantic) -> list[RuleHit]:
         people: list[tuple[tuple[int, int], str, str]] = []
-        if self.name_pattern is not None:
-            for m in self.name_pattern.finditer(text):
-                if re.match(_NAME_WORK, text[m.end():]) or re.search(r"\b(?:by|from)\s+$", text[max(0, m.start() - 6):m.start()]):
+        for gazetteer in (self.gazetteer, self.extra_names):
+            for span, _key, _person in gazetteer.find(text):
+                if re.match(_NAME_WORK, text[span[1]:]) or re.search(r"\b(?:by|from)\s+$", text[max(0, span[0] - 6):span[0]]):
                     continue  # "a song by X", "X's new album": a mention of their work, not of them
-                people.append((m.span(), "real person's name near sexual context", m.group(0)))
+                people.append((span, "real person's name near sexual context", text[span[0]:span[1]]))
         for m in _REAL_CUE.finditer(text):
             people.append((m.span(), "real, identifiable person near sexual context", m.group(0).strip()))
         for span, rule, evidence in people:

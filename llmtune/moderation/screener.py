@@ -1,14 +1,18 @@
-"""The screen every stage calls: rules first, then the adapter, combined into one `Decision`.
+"""The screen every stage calls: rules, the classifier and the conversation's facts, combined into one `Decision`.
 
-    screener = load_screener(config)           # cached per config
-    screener.screen("...")                     # one text
-    screener.screen_batch(rows, progress=True) # many, batched through the adapter
-    screener.screen_conversation(messages)     # each message alone and all of them joined
+    screener = load_screener(config)                    # cached per config
+    screener.screen("...")                              # one text (a conversation of one message)
+    screener.screen_batch(rows, progress=True)          # many texts, the classifier batched over them
+    screener.screen_conversation(messages, reply=None)  # a whole conversation, and a reply in its context
+    state = screener.conversation_state(messages)       # the same, incremental (the gateway streams with it)
 
-Decision logic, per category: blocked when the category blocks under the config (the hard floor
-always does) and a rule fired OR the adapter's score reached the category's threshold.
-`layer` names the layer that fired first: "rules" when any blocked category has a rule hit,
-else "adapter", else "none".
+Per text, a category is blocked when it blocks under the config (the hard floor always does)
+and a rule fired OR the classifier's score reached the category's threshold. No lexical gate
+stands between the classifier and the hard floor: where the classifier over-fires on tame
+roleplay the fix is its data and calibration. (The configurable categories keep their gates.)
+On top of that, `conversation.ConversationState` blocks what the conversation as a whole
+establishes (a minor or a real person, and a sexual or romantic turn, anywhere in it).
+`layer` names the layer that decided: "rules", "adapter", "conversation" or "none".
 """
 
 from __future__ import annotations
@@ -16,28 +20,31 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtune.moderation.adapter import NAMES_NAME, ModerationAdapter
+from llmtune.moderation.adapter import ModerationAdapter
+from llmtune.moderation.conversation import ConversationState, PrefixCache, message_text
 from llmtune.moderation.errors import ModerationError
+from llmtune.moderation.facts import Evidence, TextFacts, extract_facts
 from llmtune.moderation.normalize import canonical
-from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, ModerationConfig
+from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, SIGNALS, ModerationConfig
 from llmtune.moderation.rules import Analysis, PlatformCategory, RuleSet, read_name_list
 
-# Categories that are about sexual content: the adapter alone blocks them only when the text has
-# some sexual or romantic context (rules catch the rest). Without this gate the encoder flagged
-# tame roleplay (a captain greeting her crew, a librarian's story) at the recall-tuned thresholds.
-SEXUAL_CATEGORIES = frozenset({"minor_sexual", "real_person_sexual", "sexual_violence", "bestiality"})
-# The gate for each category the adapter scores: the adapter's score blocks only when it is open.
+# Gates on the classifier for CONFIGURABLE categories only: its score blocks only when the gate
+# is open. The hard floor has none (the classifier's floor verdict always stands).
 # `illegal_instructions` opens on a harm cue (a weapon, drug, malware, poison, theft, ...): without
 # it a captain explaining her ship's engines scored 0.87.
-GATES = {**{c: "sexual_context" for c in SEXUAL_CATEGORIES}, "illegal_instructions": "harm_cue"}
+GATES = {"sexual_violence": "sexual_context", "bestiality": "sexual_context", "illegal_instructions": "harm_cue"}
+assert not set(GATES) & set(HARD_FLOOR)
+# The classifier's signal heads become facts at these scores unless the adapter calibrated its own.
+DEFAULT_SIGNAL_THRESHOLDS = {"sexual": 0.5, "minor": 0.9, "real_person": 0.9}
+TEXT_CACHE_SIZE = 16384
 
-# The maintained list in a checkout; an installed wheel uses the copy shipped with the adapter.
-REPO_NAMES_FILE = Path(__file__).resolve().parents[2] / "data" / "moderation" / "real_people.txt"
 
 
 @dataclass
@@ -47,11 +54,13 @@ class Decision:
     allowed: bool
     categories: list[str]  # blocked categories
     scores: dict[str, float]  # adapter score per category (1.0/0.0 for rule-only policy categories)
-    layer: str  # "rules", "adapter" or "none"
+    layer: str  # "rules", "adapter", "conversation" or "none"
     reasons: list[str] = field(default_factory=list)  # rule evidence and adapter scores, for quarantine notes
+    evidence: list[dict] = field(default_factory=list)  # the facts behind a block, with where they were found
 
     def to_json(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "categories": list(self.categories), "scores": dict(self.scores), "layer": self.layer}
+        return {"allowed": self.allowed, "categories": list(self.categories), "scores": dict(self.scores),
+                "layer": self.layer, "evidence": list(self.evidence)}
 
     def reason(self) -> str:
         """One line for a quarantine file: what was blocked and why."""
@@ -124,8 +133,7 @@ class Screener:
     def __init__(self, config: ModerationConfig | None = None):
         self.config = config or ModerationConfig()
         self.adapter = ModerationAdapter(self.config.adapter, self.config.precision)
-        names_file = REPO_NAMES_FILE if REPO_NAMES_FILE.is_file() else self.adapter.dir / NAMES_NAME
-        names = read_name_list(names_file) if names_file.is_file() else []
+        names: list[str] = []  # the platform's own; the built-in gazetteer is lexicon/public_figures.tsv
         platform: list[PlatformCategory] = []
         if self.config.policy_file:
             platform, extra = load_policy_file(Path(self.config.policy_file).expanduser())
@@ -147,6 +155,14 @@ class Screener:
         missing = [c for c in BUILTIN_CATEGORIES if c not in self.adapter.categories]
         if missing:
             raise ModerationError(f"adapter {self.adapter.dir} has no head for {missing}; retrain it with the built-in categories")
+        self.signal_thresholds = {**DEFAULT_SIGNAL_THRESHOLDS, **self.adapter.meta.raw.get("signal_thresholds", {})}
+        from llmtune.moderation.bulk import PREFILTER_NAME, Prefilter
+
+        self.prefilter = Prefilter.load(self.adapter.dir / PREFILTER_NAME)
+        self.bulk_skipped = 0
+        self._text_cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()  # the caches are shared by the gateway's screening threads
+        self._prefixes = PrefixCache()
         self.thresholds = {**self.adapter.meta.thresholds, **(self.config.thresholds or {})}
         # The floor's thresholds come from calibration only; config validation already refuses overrides.
         for cat in HARD_FLOOR:
@@ -158,31 +174,60 @@ class Screener:
         return self.screen_batch([text], fast=fast)[0]
 
     def screen_batch(self, texts: list[str], batch_size: int = 64, progress: bool = False, fast: bool = False) -> list[Decision]:
-        """Screen many texts, the adapter batched over them.
+        """Screen many texts, each as a conversation of one message, the classifier batched over them.
 
-        With `fast`, work that cannot change a decision is skipped: a text on which no rule can
-        fire and no adapter gate opens (`RuleSet.could_fire`) is allowed without further work, and
-        the adapter runs only on texts with an open gate. Decisions are identical to the full
-        screen's (tests/test_moderation_screener.py checks this on every moderation row); the
-        skipped adapter scores read 0.0. Bulk callers (prepare, the gateway) use it; `llmtune
-        moderate` and the evaluation report every score."""
+        With `fast` (bulk data), see screen_conversations."""
         texts = [t if isinstance(t, str) else str(t) for t in texts]
-        decisions: list[Decision | None] = [None] * len(texts)
-        if fast:
-            for i, t in enumerate(texts):
-                if not self.rules.could_fire(t):
-                    decisions[i] = Decision(True, [], {c: 0.0 for c in self.categories}, "none")
-        todo = [i for i, d in enumerate(decisions) if d is None]
-        analyses = {i: self.rules.analyse(texts[i]) for i in todo}
-        scored = [i for i in todo if not fast or self._adapter_can_block(analyses[i])]
-        scores = dict(zip(scored, self._adapter_scores([texts[i] for i in scored], batch_size, progress)))
-        for i in todo:
-            decisions[i] = self._decide(analyses[i], scores.get(i, {}))
-        return decisions  # type: ignore[return-value]
+        return self.screen_conversations([[{"role": "text", "content": t}] for t in texts], batch_size, progress, fast)
 
-    def _adapter_can_block(self, analysis: Analysis) -> bool:
-        return any(self.config.blocks(c) and (c not in GATES or getattr(analysis, GATES[c]))
-                   for c in BUILTIN_CATEGORIES if c in self.thresholds)
+    def screen_texts(self, items: list[tuple[str, str, str, str | None]], batch_size: int = 64,
+                     progress: bool = False) -> list[tuple[Decision, TextFacts]]:
+        """(decision, facts) per (text, where, role, name): the text's own rule and classifier
+        decision, and the facts it establishes, the classifier's signals among them. Cached by
+        (role, name, text), so resent conversation history costs nothing."""
+        results: list[tuple[Decision, TextFacts] | None] = [None] * len(items)
+        todo: list[int] = []
+        with self._lock:
+            for i, (text, where, role, name) in enumerate(items):
+                cached = self._text_cache.get((role, name, text))
+                if cached is not None:
+                    self._text_cache.move_to_end((role, name, text))
+                    results[i] = (_placed(cached[0], where), _relocate(cached[1], where))
+                else:
+                    todo.append(i)
+        if todo:
+            texts = [items[i][0] for i in todo]
+            analyses = {i: self.rules.analyse(items[i][0]) for i in todo}
+            scored = [i for i in todo if items[i][0].strip()]
+            scores = dict(zip(scored, self._adapter_scores([items[i][0] for i in scored], batch_size, progress)))
+            del texts
+            for i in todo:
+                text, where, role, name = items[i]
+                facts = extract_facts(text, where, role, self.rules, name=name)
+                self._signal_facts(facts, scores.get(i, {}), where, role)
+                decision = self._decide(analyses[i], scores.get(i, {}))
+                with self._lock:
+                    self._text_cache[(role, name, text)] = (decision, facts)
+                    if len(self._text_cache) > TEXT_CACHE_SIZE:
+                        self._text_cache.popitem(last=False)
+                results[i] = (_placed(decision, where), _relocate(facts, where))
+        return results  # type: ignore[return-value]
+
+    def _signal_facts(self, facts: TextFacts, scores: dict[str, float], where: str, role: str) -> None:
+        """The classifier's signal heads as facts: a sexual turn, a minor participant, a real person."""
+        for signal in SIGNALS:
+            score = scores.get(signal)
+            if score is None or score < self.signal_thresholds[signal]:
+                continue
+            detail = f"classifier: {signal.replace('_', ' ')} {score:.2f}"
+            if signal == "sexual":
+                facts.sexual.append(Evidence("sexual", detail, "", where))
+            elif signal == "minor":
+                facts.minor.append(Evidence("minor", detail, "", where))
+            else:
+                # "about a real person" says nothing about whether they are cast or only mentioned:
+                # evidence for the report, never a conversation fact on its own
+                facts.real.append(Evidence("real_person", detail, "", where, "local"))
 
     def _adapter_scores(self, texts: list[str], batch_size: int, progress: bool) -> list[dict[str, float]]:
         if not texts:
@@ -211,7 +256,7 @@ class Screener:
         scores = {c: adapter_scores.get(c, 0.0) for c in BUILTIN_CATEGORIES}
         for cat in self.categories[len(BUILTIN_CATEGORIES):]:
             scores[cat] = 1.0 if cat in by_rule else 0.0
-        blocked, reasons = [], []
+        blocked, reasons, evidence = [], [], []
         for cat in self.categories:
             if not self.config.blocks(cat):
                 continue
@@ -222,33 +267,89 @@ class Screener:
             if rule_hits or over:
                 blocked.append(cat)
                 reasons += [h.reason() for h in rule_hits]
+                evidence += [{"fact": cat, "detail": h.rule, "text": h.evidence, "where": "text"} for h in rule_hits]
                 if over:
                     reasons.append(f"{cat}: adapter score {scores[cat]:.3f} >= threshold {self.thresholds[cat]:.3f}")
+                    evidence.append({"fact": cat, "detail": f"classifier score {scores[cat]:.3f} >= {self.thresholds[cat]:.3f}",
+                                     "text": "", "where": "text"})
         layer = "rules" if by_rule & set(blocked) else "adapter" if blocked else "none"
-        return Decision(not blocked, blocked, scores, layer, reasons)
+        return Decision(not blocked, blocked, scores, layer, reasons, evidence)
 
     # -- conversations -----------------------------------------------------------------------
 
-    def screen_conversation(self, messages: list[dict], fast: bool = False) -> Decision:
-        """Every message (system prompts and character-card text included) alone, and all of them
-        joined, so a request split across messages is still caught."""
-        texts = [t for t in (message_text(m) for m in messages) if t.strip()]
-        if not texts:
-            return Decision(True, [], {c: 0.0 for c in self.categories}, "none")
-        joined = "\n".join(texts)
-        decisions = self.screen_batch(texts + [joined] if len(texts) > 1 else texts, fast=fast)
-        return merge_decisions(decisions, self.categories)
+    def conversation_state(self, messages: list[dict]) -> ConversationState:
+        """Every message screened (system prompts and card text included, `name` fields too), its
+        facts accumulated; states are cached by conversation prefix."""
+        return self._prefixes.state(self, messages)
+
+    def screen_conversations(self, conversations: list[list[dict]], batch_size: int = 64, progress: bool = False,
+                             fast: bool = False) -> list[Decision]:
+        """Many conversations at once (bulk data): the classifier batched over all their messages.
+        No prefix cache: bulk data rarely shares prefixes.
+
+        With `fast` and `moderation.bulk: cascade` (prepare's default), a conversation that no rule
+        or fact could block (`bulk.could_block`) and whose every text the classifier's first stage
+        clears (`bulk.Prefilter`) is allowed without the rules and the classifier; the rest are
+        screened in full. The gateway never takes this path."""
+        allowed = Decision(True, [], {c: 0.0 for c in self.categories}, "none")
+        out: list[Decision | None] = [None] * len(conversations)
+        if fast:
+            for k, messages in enumerate(conversations):
+                if not self.needs_full_screen([message_text(m) for m in messages]):
+                    out[k] = allowed
+        self.bulk_skipped = sum(d is not None for d in out)
+        items, owner = [], []
+        for k, messages in enumerate(conversations):
+            if out[k] is not None:
+                continue
+            for i, m in enumerate(messages):
+                items.append((message_text(m), f"messages[{i}].content", str(m.get("role", "user")), m.get("name") or None))
+                owner.append(k)
+        states = {k: ConversationState(self) for k in set(owner)}
+        for k, screened in zip(owner, self.screen_texts(items, batch_size, progress)):
+            states[k].add_screened(*screened)
+        for k, state in states.items():
+            out[k] = state.decision()
+        for k in range(len(out)):
+            if out[k] is None:  # a conversation with no text at all
+                out[k] = allowed
+        return out  # type: ignore[return-value]
+
+    def needs_full_screen(self, texts: list[str]) -> bool:
+        """For bulk data: False when no rule or fact could block these texts and the classifier's
+        first stage clears every one of them (then the full screen could only allow them)."""
+        from llmtune.moderation.bulk import could_block
+
+        if self.config.bulk == "full" or self.prefilter is None or could_block(self.rules, texts):
+            return True
+        return any(self.prefilter.passes(t) for t in texts if t.strip())
+
+    def screen_conversation(self, messages: list[dict], reply: str | None = None, fast: bool = False) -> Decision:
+        """The conversation's decision; with `reply`, the decision on that reply in its context
+        (through the checkpoints a stream of it would pass)."""
+        state = self.conversation_state(messages)
+        if reply is None:
+            return state.decision()
+        decision, _ = state.reply().screen(reply)
+        return decision
 
 
-def message_text(message: dict) -> str:
-    """The screenable text of an OpenAI/ShareGPT-style message: content (string or text parts) and name."""
-    content = message.get("content", message.get("value", ""))
-    if isinstance(content, list):
-        content = "\n".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    parts = [str(content or "")]
-    if message.get("name"):
-        parts.insert(0, str(message["name"]))
-    return "\n".join(parts)
+def _placed(decision: Decision, where: str) -> Decision:
+    """A per-text decision with its evidence pointing at where the text sits."""
+    if not decision.evidence or where == "text":
+        return decision
+    return Decision(decision.allowed, decision.categories, decision.scores, decision.layer, decision.reasons,
+                    [{**e, "where": where} for e in decision.evidence])
+
+
+def _relocate(facts: TextFacts, where: str) -> TextFacts:
+    """A cached text's facts with `where` pointing at its place in this conversation."""
+    def move(items):
+        return [e if e.where == where else Evidence(e.fact, e.detail, e.text, where if not e.where.endswith(".name") else
+                                                       where.rsplit(".", 1)[0] + ".name", e.scope, e.subject, e.value)
+                for e in items]
+    return TextFacts(move(facts.minor), move(facts.adult), move(facts.real), move(facts.sexual), move(facts.romantic),
+                     move(facts.years), set(facts.characters), set(facts.names))
 
 
 def merge_decisions(decisions: Iterable[Decision], categories: list[str]) -> Decision:
@@ -258,9 +359,11 @@ def merge_decisions(decisions: Iterable[Decision], categories: list[str]) -> Dec
     layers = {d.layer for d in decisions if not d.allowed}
     layer = "rules" if "rules" in layers else "adapter" if layers else "none"
     reasons: list[str] = []
+    evidence: list[dict] = []
     for d in decisions:
         reasons += [r for r in d.reasons if r not in reasons]
-    return Decision(not blocked, blocked, scores, layer, reasons)
+        evidence += [e for e in d.evidence if e not in evidence]
+    return Decision(not blocked, blocked, scores, layer, reasons, evidence)
 
 
 # ---------------------------------------------------------------------------------------------

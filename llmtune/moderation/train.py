@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -26,6 +27,7 @@ from llmtune.config import Section as _Section
 from llmtune.config import apply_overrides
 from llmtune.console import console
 from llmtune.moderation.adapter import (
+    native_bf16,
     CONFIG_NAME,
     EMBEDDED_ENCODER,
     ENCODER_HUB_ID,
@@ -37,9 +39,13 @@ from llmtune.moderation.adapter import (
     mean_pool,
     resolve_encoder,
 )
+from llmtune.moderation.bulk import PREFILTER_NAME, train_prefilter
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.normalize import canonical
-from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR
+from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, SIGNALS
+
+# Blocking heads, then signal heads, in logit order.
+HEADS: tuple[str, ...] = BUILTIN_CATEGORIES + SIGNALS
 
 # ---------------------------------------------------------------------------------------------
 # The recipe
@@ -51,11 +57,24 @@ class EncoderSection(_Section):
 
 
 class DataSection(_Section):
-    train: str = Field("data/moderation/train.jsonl", description="Training rows: {\"text\", \"labels\": [categories]}.")
-    dev: str = Field("data/moderation/dev.jsonl", description="Calibration rows (thresholds are fitted here).")
-    test: str = Field("data/moderation/test.jsonl", description="Held-out rows for `llmtune moderation eval`.")
+    train: list[str] = Field(
+        default_factory=lambda: ["data/moderation/train/*.jsonl", "data/moderation/train.jsonl"],
+        description=(
+            "Training files or globs: text rows {\"text\", \"labels\", \"sexual\", \"minor\", \"real_person\"} "
+            "and conversation rows {\"messages\", \"output\", \"labels\", ...} (docs/moderation.md, Training data)."
+        ),
+    )
+    tame: list[str] = Field(
+        default_factory=lambda: ["data/moderation/train/tame_rp/*"],
+        description="Tame roleplay in any format `prepare` reads: every message is a negative for every blocking head.",
+    )
+    calibration_fraction: float = Field(
+        0.15, gt=0.0, lt=0.5,
+        description="Share of every source held out (by a hash of the text) to calibrate thresholds on: positives, adult requests and tame roleplay.",
+    )
+    dev: str = Field("data/moderation/eval/dev.jsonl", description="The independent dev set (eval format) for `llmtune moderation eval --split dev`.")
+    test: str = Field("data/moderation/eval/heldout.jsonl", description="The frozen independent held-out set for `--split heldout`.")
     max_train_rows: int | None = Field(None, gt=0, description="Use only the first N training rows (smoke tests).")
-    names_file: str = Field("data/moderation/real_people.txt", description="Name list shipped with the adapter.")
 
 
 class LoraSection(_Section):
@@ -78,6 +97,10 @@ class TrainingSection(_Section):
         description="Chance of dropping the first 1-4 words of a row (\"asks for ...\") so the head learns content, not request frames.",
     )
     word_dropout: float = Field(0.1, ge=0.0, lt=0.5, description="Chance of dropping each word of half the rows (augmentation).")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32", description="Encoder arithmetic while training: `bfloat16` (or `auto` where the CPU has native bf16) autocasts the encoder, LoRA weights stay float32; on the 2-core dev CPU it was ~5x slower per step than float32."
+    )
+    obfuscation: float = Field(0.15, ge=0.0, le=1.0, description="Chance of training on an obfuscated copy of a row (moderation/obfuscate.py), normalised as screening would.")
     max_pos_weight: float = Field(4.0, ge=1.0, description="Cap on the per-category positive weight sqrt(negatives/positives).")
     seed: int = Field(0, description="Seed for LoRA init, data order and augmentation.")
     num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; null uses every core.")
@@ -86,24 +109,29 @@ class TrainingSection(_Section):
 
 class CalibrationSection(_Section):
     recall_targets: dict[str, float] = Field(
-        default_factory=lambda: {"minor_sexual": 0.99, "real_person_sexual": 0.98, "sexual_violence": 0.95,
-                                 "bestiality": 0.95, "illegal_instructions": 0.95},
-        description="Adapter-only recall each category's threshold must reach on the dev split.",
+        default_factory=lambda: {"minor_sexual": 0.97, "real_person_sexual": 0.95, "sexual_violence": 0.9,
+                                 "bestiality": 0.9, "illegal_instructions": 0.9,
+                                 "sexual": 0.95, "minor": 0.9, "real_person": 0.9},
+        description="Classifier-only recall each head's threshold must reach on the calibration slice (when its FPR budget allows).",
     )
     max_fpr: dict[str, float] = Field(
-        default_factory=lambda: {"minor_sexual": 0.01, "real_person_sexual": 0.01, "sexual_violence": 0.005,
-                                 "bestiality": 0.005, "illegal_instructions": 0.005},
-        description="Share of dev rows without the label that the adapter alone may flag, per category (the over-blocking budget).",
+        default_factory=lambda: {"minor_sexual": 0.005, "real_person_sexual": 0.005, "sexual_violence": 0.005,
+                                 "bestiality": 0.005, "illegal_instructions": 0.005,
+                                 "sexual": 0.05, "minor": 0.01, "real_person": 0.01},
+        description=(
+            "Share of calibration rows without the label (adult requests, tame roleplay, other categories) the classifier "
+            "alone may flag, per head: the over-blocking budget."
+        ),
     )
     min_threshold: float = Field(0.05, gt=0.0, lt=1.0, description="Lowest threshold calibration may pick.")
-    max_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Highest threshold calibration may pick.")
+    max_threshold: float = Field(0.95, gt=0.0, le=1.0, description="Highest threshold calibration may pick.")
 
-    @field_validator("recall_targets")
+    @field_validator("recall_targets", "max_fpr")
     @classmethod
     def _known(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = set(v) - set(BUILTIN_CATEGORIES)
+        unknown = set(v) - set(HEADS)
         if unknown:
-            raise ValueError(f"unknown categories {sorted(unknown)}; the adapter has {list(BUILTIN_CATEGORIES)}")
+            raise ValueError(f"unknown heads {sorted(unknown)}; the classifier has {list(HEADS)}")
         return v
 
 
@@ -164,37 +192,159 @@ def load_moderation_recipe(path: str | Path, overrides: list[str] | None = None)
 
 @dataclass
 class Row:
+    """One training text with a target per head: 1.0, 0.0, or None where the row does not say
+    (that head's loss is masked for the row)."""
+
     text: str
-    labels: list[str]
+    targets: dict[str, float | None]
+    source: str
     group: str | None = None
-    obfuscation: str | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return [c for c in BUILTIN_CATEGORIES if self.targets.get(c) == 1.0]
+
+
+def _flag(obj: dict, key: str) -> float | None:
+    value = obj.get(key)
+    return None if value is None else float(bool(value))
+
+
+def _derived_signals(labels: list[str], group: str | None) -> dict[str, float | None]:
+    """Signal targets for rows written before the signal heads (data/moderation/generate.py)."""
+    group = group or ""
+    sexual = 1.0 if set(labels) & {"minor_sexual", "real_person_sexual", "sexual_violence", "bestiality"} or group.startswith(
+        ("adult_romance", "adult_age")) else (0.0 if group in ("general", "child_nonsexual", "school_nonsexual", "real_nonsexual") else None)
+    minor = 1.0 if "minor_sexual" in labels or group in ("child_nonsexual",) else (
+        0.0 if group in ("adult_romance", "adult_age_odd", "real_named", "real_generic", "name_collision", "real_nonsexual") else None)
+    real = 1.0 if "real_person_sexual" in labels or group == "real_nonsexual" else (
+        0.0 if group in ("adult_romance", "adult_age_odd", "name_collision", "child_nonsexual", "minor_age", "minor_child") else None)
+    return {"sexual": sexual, "minor": minor, "real_person": real}
+
+
+def _text_row(obj: dict, text: str, where: str) -> Row:
+    labels = obj.get("labels", [])
+    if not isinstance(labels, list):
+        raise ModerationError(f'{where}: "labels" must be a list of categories')
+    unknown = [lab for lab in labels if lab not in BUILTIN_CATEGORIES]
+    if unknown:
+        raise ModerationError(f"{where}: unknown label(s) {unknown}; known: {', '.join(BUILTIN_CATEGORIES)}")
+    targets: dict[str, float | None] = {c: float(c in labels) for c in BUILTIN_CATEGORIES}
+    if any(k in obj for k in SIGNALS):
+        targets.update({k: _flag(obj, k) for k in SIGNALS})
+    else:
+        targets.update(_derived_signals(labels, obj.get("group")))
+    return Row(text, targets, where, obj.get("group"))
+
+
+def _conversation_rows(obj: dict, where: str) -> list[Row]:
+    """A labelled conversation teaches what its single texts show: in an allowed conversation
+    every message is allowed; its last request (or its output) is sexual or not as labelled.
+    A blocked conversation's block comes from its context, so its texts say nothing alone."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ModerationError(f'{where}: "messages" must be a list of message objects')
+    from llmtune.moderation.conversation import message_text
+
+    blocked = bool(obj.get("labels"))
+    unknown_signals = dict.fromkeys(SIGNALS)
+    texts = [message_text(m) for m in messages if message_text(m).strip()]
+    last = obj["output"] if isinstance(obj.get("output"), str) and obj["output"].strip() else (texts.pop() if texts else None)
+    rows = []
+    if not blocked:
+        for text in texts:
+            rows.append(Row(text, {**dict.fromkeys(BUILTIN_CATEGORIES, 0.0), **unknown_signals}, where, obj.get("group")))
+    if last:
+        base = dict.fromkeys(BUILTIN_CATEGORIES, 0.0 if not blocked else None)
+        rows.append(Row(last, {**base, **unknown_signals, "sexual": _flag(obj, "sexual")}, where, obj.get("group")))
+    return rows
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[Row]:
-    """Rows of {"text": str, "labels": [categories]}; a bad row is an error naming file and line."""
+    """Text rows and conversation rows; a bad row is an error naming file and line."""
     if not path.is_file():
-        raise ModerationError(f"moderation data file not found: {path} (generate it with `python data/moderation/generate.py`)")
-    rows = []
+        raise ModerationError(f"moderation data file not found: {path}")
+    rows: list[Row] = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ModerationError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            text, labels = obj.get("text") if isinstance(obj, dict) else None, obj.get("labels", []) if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not isinstance(labels, list):
-                raise ModerationError(f'{path}:{n}: a row needs "text" (string) and "labels" (list of categories)')
-            unknown = [lab for lab in labels if lab not in BUILTIN_CATEGORIES]
-            if unknown:
-                raise ModerationError(f"{path}:{n}: unknown label(s) {unknown}; known: {', '.join(BUILTIN_CATEGORIES)}")
-            rows.append(Row(text, labels, obj.get("group"), obj.get("obfuscation")))
+                raise ModerationError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ModerationError(f"{where}: a row is a JSON object")
+            if isinstance(obj.get("text"), str):
+                rows.append(_text_row(obj, obj["text"], where))
+            elif "messages" in obj:
+                rows += _conversation_rows(obj, where)
+            else:
+                raise ModerationError(f'{where}: a row needs "text" (a string) or "messages" (a conversation)')
             if limit and len(rows) >= limit:
                 break
     if not rows:
         raise ModerationError(f"{path}: no rows")
     return rows
+
+
+def read_tame(path: Path) -> list[Row]:
+    """Every message of every conversation in a roleplay file (any format prepare reads), as a
+    negative for every blocking head and for the minor and real-person signals."""
+    from llmtune.data.formats import read_source
+    from llmtune.data.types import Conversation
+
+    rows = []
+    for item in read_source(path):
+        if isinstance(item, Conversation):
+            for m in item.messages:
+                if m.content.strip():
+                    rows.append(Row(m.content, {**dict.fromkeys(BUILTIN_CATEGORIES, 0.0), "sexual": None, "minor": 0.0,
+                                                "real_person": 0.0}, f"{path}", "tame_roleplay"))
+    return rows
+
+
+def expand(patterns: list[str], resolve) -> list[Path]:
+    """Files named by paths or globs (relative ones resolved like the recipe's other paths)."""
+    import glob
+
+    out: list[Path] = []
+    for pattern in patterns:
+        base = resolve(pattern)
+        matches = sorted(Path(p) for p in glob.glob(str(base))) if any(c in pattern for c in "*?[") else [base]
+        out += [p for p in matches if p.is_file() and p not in out]
+    return out
+
+
+def in_calibration(text: str, fraction: float) -> bool:
+    """Stable split: the same text always lands on the same side."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def load_training_data(recipe: "ModerationRecipe") -> tuple[list[Row], list[Row], list[Path]]:
+    """(train rows, calibration rows, files read) from every training and tame source."""
+    d = recipe.data
+    files = expand(d.train, recipe.resolve_path)
+    tame_files = expand(d.tame, recipe.resolve_path)
+    if not files:
+        raise ModerationError(f"data.train: no file matches {d.train}")
+    rows: list[Row] = []
+    for path in files:
+        rows += read_rows(path)
+    for path in tame_files:
+        rows += read_tame(path)
+    seen: set[str] = set()
+    unique = []
+    for r in rows:
+        if r.text not in seen:
+            seen.add(r.text)
+            unique.append(r)
+    train = [r for r in unique if not in_calibration(r.text, d.calibration_fraction)]
+    cal = [r for r in unique if in_calibration(r.text, d.calibration_fraction)]
+    if d.max_train_rows:
+        train = train[: d.max_train_rows]
+    return train, cal, files + tame_files
 
 
 def _sha256(path: Path) -> str:
@@ -205,21 +355,22 @@ def _sha256(path: Path) -> str:
 # Calibration
 
 
-def calibrate(scores: list[list[float]], rows: list[Row], categories: list[str], cal: CalibrationSection) -> dict:
-    """One threshold per category from dev scores.
+def calibrate(scores: list[list[float]], rows: list[Row], heads: list[str], cal: CalibrationSection) -> dict:
+    """One threshold per head from scores on the calibration slice.
 
-    t_recall: the highest threshold at which the adapter alone reaches the category's recall target.
-    t_fpr: the lowest threshold at which the adapter flags at most max_fpr of the dev rows without this label.
+    t_recall: the highest threshold at which the classifier alone reaches the head's recall target.
+    t_fpr: the lowest threshold at which it flags at most max_fpr of the rows whose target is 0
+    (adult requests, tame roleplay, other categories: a realistic mix of allowed traffic).
     The threshold is max(t_recall, t_fpr): reach the target alone when that fits the over-blocking
-    budget; otherwise spend the whole budget and let the rules carry the rest of the recall.
+    budget; otherwise spend the whole budget and let the rules and facts carry the rest.
+    Rows whose target for a head is unknown do not count for that head.
     """
     out = {}
-    for j, cat in enumerate(categories):
-        target = cal.recall_targets.get(cat, 0.95)
-        budget = cal.max_fpr.get(cat, 0.005)
-        pos = sorted((s[j] for s, r in zip(scores, rows) if cat in r.labels), reverse=True)
-        # every row without this label counts: an assault scene flagged as "minor" is a false positive too
-        neg = sorted((s[j] for s, r in zip(scores, rows) if cat not in r.labels), reverse=True)
+    for j, head in enumerate(heads):
+        target = cal.recall_targets.get(head, 0.9)
+        budget = cal.max_fpr.get(head, 0.005)
+        pos = sorted((s[j] for s, r in zip(scores, rows) if r.targets.get(head) == 1.0), reverse=True)
+        neg = sorted((s[j] for s, r in zip(scores, rows) if r.targets.get(head) == 0.0), reverse=True)
         t_recall = pos[max(1, math.ceil(target * len(pos))) - 1] if pos else 0.5
         # the (k+1)-th highest allowed score, nudged up, blocks at most k allowed rows
         k = int(budget * len(neg))
@@ -227,10 +378,9 @@ def calibrate(scores: list[list[float]], rows: list[Row], categories: list[str],
         threshold = float(min(max(t_recall, t_fpr, cal.min_threshold), cal.max_threshold))
         recall = sum(p >= threshold for p in pos) / len(pos) if pos else float("nan")
         fpr = sum(n >= threshold for n in neg) / len(neg) if neg else 0.0
-        out[cat] = {"threshold": round(threshold, 6), "target_recall": target, "max_fpr": budget,
-                    "t_recall": round(float(t_recall), 6), "t_fpr": round(float(t_fpr), 6),
-                    "dev_recall": round(recall, 4), "dev_fpr": round(fpr, 4),
-                    "dev_positives": len(pos), "dev_negatives": len(neg)}
+        out[head] = {"threshold": round(threshold, 6), "target_recall": target, "max_fpr": budget,
+                     "t_recall": round(float(t_recall), 6), "t_fpr": round(float(t_fpr), 6),
+                     "recall": round(recall, 4), "fpr": round(fpr, 4), "positives": len(pos), "negatives": len(neg)}
     return out
 
 
@@ -246,15 +396,55 @@ class ModerationTrainResult:
     train_seconds: float
 
 
-def _augment(text: str, rng: random.Random, frame_dropout: float, word_dropout: float) -> str:
+def _length_grouped(lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
+    """One epoch's order: shuffled, then sorted by length within chunks of 50 batches, and the
+    batches shuffled, so a batch pads little and the epoch stays random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lengths.__getitem__)
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return [i for b in batches for i in b]
+
+
+def _frame_and_word_dropout(text: str, rng: random.Random, frame_dropout: float, word_dropout: float) -> str:
     """Drop the opening request frame ("asks for ...") sometimes, and a few random words, so the
-    head keys on what is asked for rather than on how our templates phrase the asking."""
+    head keys on what is asked for rather than on how a writer phrases the asking."""
     words = text.split()
     if len(words) > 6 and rng.random() < frame_dropout:
         words = words[rng.randint(1, 4):]
     if len(words) > 6 and word_dropout > 0 and rng.random() < 0.5:
         words = [w for w in words if rng.random() >= word_dropout] or words
     return " ".join(words)
+
+
+def augment(raw: str, canonical_text: str, rng: random.Random, t: "TrainingSection") -> str:
+    """The text the classifier trains on this step: now and then an obfuscated copy of the raw
+    text, normalised as screening would (so the head learns what normalisation leaves of tricks),
+    else the canonical text with frame and word dropout."""
+    if t.obfuscation > 0 and rng.random() < t.obfuscation:
+        from llmtune.moderation.obfuscate import obfuscate
+
+        return canonical(obfuscate(raw, rng))
+    return _frame_and_word_dropout(canonical_text, rng, t.frame_dropout, t.word_dropout)
+
+
+def _might_block(scores: list[float], row: Row, thresholds: dict[str, float]) -> float:
+    return float(bool(row.labels) or any(scores[j] >= 0.5 * thresholds[c] for j, c in enumerate(BUILTIN_CATEGORIES)))
+
+
+def _train_prefilter(adapter, train_rows, train_text, cal_rows, cal_scores, thresholds):
+    console.print("  first stage for bulk screening: scoring the training texts with the classifier ...")
+    train_scores = adapter.scores(train_text)
+    targets = [_might_block(sc, r, thresholds) for sc, r in zip(train_scores, train_rows)]
+    cal_targets = [_might_block(sc, r, thresholds) for sc, r in zip(cal_scores, cal_rows)]
+    prefilter = train_prefilter(train_text, targets, [canonical(r.text) for r in cal_rows], cal_targets)
+    console.print(f"  first stage: passes {prefilter.meta['calibration_blocked']} of {prefilter.meta['calibration_blocked']} "
+                  f"calibration texts the classifier might block, and {prefilter.meta['allowed_passed_share']:.0%} of the rest")
+    return prefilter
 
 
 def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
@@ -269,24 +459,24 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     threads = configure_threads(t.num_threads)
     torch.manual_seed(t.seed)
     rng = random.Random(t.seed)
-    categories = list(BUILTIN_CATEGORIES)
+    heads = list(HEADS)
     run_dir = recipe.run_dir
     adapter_dir = run_dir / "adapter"
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. Data, normalised exactly as screening normalises it.
-    train_path, dev_path = recipe.resolve_path(recipe.data.train), recipe.resolve_path(recipe.data.dev)
-    train_rows = read_rows(train_path, recipe.data.max_train_rows)
-    dev_rows = read_rows(dev_path)
+    # 1. Data, normalised exactly as screening normalises it; a calibration slice held out.
+    train_rows, cal_rows, files = load_training_data(recipe)
     train_text = [canonical(r.text) for r in train_rows]
-    targets = torch.tensor([[float(c in r.labels) for c in categories] for r in train_rows])
-    positives = targets.sum(0)
-    pos_weight = ((len(train_rows) - positives) / positives.clamp(min=1)).sqrt().clamp(1.0, t.max_pos_weight)
+    targets = torch.tensor([[r.targets[h] if r.targets.get(h) is not None else 0.0 for h in heads] for r in train_rows])
+    known = torch.tensor([[float(r.targets.get(h) is not None) for h in heads] for r in train_rows])
+    positives = (targets * known).sum(0)
+    negatives = ((1 - targets) * known).sum(0)
+    pos_weight = (negatives / positives.clamp(min=1)).sqrt().clamp(1.0, t.max_pos_weight)
     console.print(
-        f"moderation train: {len(train_rows)} rows ({int((targets.sum(1) > 0).sum())} blocked) from {train_path}; "
-        f"dev {len(dev_rows)} rows; {threads} threads"
+        f"moderation train: {len(train_rows)} texts ({int(((targets[:, :len(BUILTIN_CATEGORIES)]).sum(1) > 0).sum())} blocked) "
+        f"from {len(files)} files; calibration slice {len(cal_rows)}; {threads} threads"
     )
-    console.print("  positives per category: " + ", ".join(f"{c}={int(p)}" for c, p in zip(categories, positives)))
+    console.print("  positives/negatives per head: " + ", ".join(f"{h}={int(p)}/{int(n)}" for h, p, n in zip(heads, positives, negatives)))
 
     # 2. Encoder + LoRA + head.
     encoder_dir = resolve_encoder(recipe.encoder.base)
@@ -295,12 +485,12 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     lora = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=recipe.lora.target_modules, bias="none")
     model = get_peft_model(base, lora)
-    head = torch.nn.Linear(base.config.hidden_size, len(categories))
+    head = torch.nn.Linear(base.config.hidden_size, len(heads))
     torch.nn.init.normal_(head.weight, std=0.02)
     torch.nn.init.zeros_(head.bias)
     lora_params = [p for p in model.parameters() if p.requires_grad]
     n_lora = sum(p.numel() for p in lora_params)
-    console.print(f"  encoder {encoder_dir.name}: LoRA r={recipe.lora.rank} on {n_lora:,} params + head {head.weight.numel() + len(categories):,}")
+    console.print(f"  encoder {encoder_dir.name}: LoRA r={recipe.lora.rank} on {n_lora:,} params + head {head.weight.numel() + len(heads):,}")
 
     steps_per_epoch = math.ceil(len(train_rows) / t.batch_size)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, int(steps_per_epoch * t.epochs))
@@ -312,43 +502,53 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
     )
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
 
-    # 3. Train.
+    # 3. Train, with a masked loss (a head learns only from rows that say what its target is).
     model.train()
     head.train()
+    bf16 = t.precision == "bfloat16" or (t.precision == "auto" and native_bf16())
+    lengths = [len(x) for x in tokenizer.truncated(train_text)]
+    console.print(f"  training in {'bfloat16 autocast (native on this CPU)' if bf16 else 'float32'}; batches grouped by length")
     start = time.time()
     metrics = (run_dir / "metrics.jsonl").open("w", encoding="utf-8")
     order: list[int] = []
     running = 0.0
-    for step in range(1, total_steps + 1):
-        if len(order) < t.batch_size:
-            fresh = list(range(len(train_rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch, order = order[: t.batch_size], order[t.batch_size:]
-        texts = [_augment(train_text[i], rng, t.frame_dropout, t.word_dropout) for i in batch]
-        windows = tokenizer.truncated(texts)
-        longest = max(len(w) for w in windows)
-        ids = torch.zeros((len(windows), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, w in enumerate(windows):
-            ids[row, : len(w)] = torch.tensor(w)
-            mask[row, : len(w)] = 1
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = head(torch.nn.functional.dropout(mean_pool(hidden, mask), 0.1, training=True))
-        loss = loss_fn(logits, targets[batch])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params + list(head.parameters()), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        running += loss.item()
-        if step % t.logging_steps == 0 or step == total_steps:
-            avg = running / (t.logging_steps if step % t.logging_steps == 0 else step % t.logging_steps)
-            running = 0.0
-            metrics.write(json.dumps({"step": step, "loss": round(avg, 5), "lr": scheduler.get_last_lr()[0]}) + "\n")
-            console.print(f"  step {step}/{total_steps}  loss {avg:.4f}  ({time.time() - start:.0f}s)")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress("training", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("train", total=total_steps, loss="")
+        for step in range(1, total_steps + 1):
+            if len(order) < t.batch_size:
+                order += _length_grouped(lengths, t.batch_size, rng)
+            batch, order = order[: t.batch_size], order[t.batch_size:]
+            texts = [augment(train_rows[i].text, train_text[i], rng, t) for i in batch]
+            windows = tokenizer.truncated(texts)
+            longest = max(len(w) for w in windows)
+            ids = torch.zeros((len(windows), longest), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, w in enumerate(windows):
+                ids[row, : len(w)] = torch.tensor(w)
+                mask[row, : len(w)] = 1
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # LoRA and head weights stay float32
+                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = head(torch.nn.functional.dropout(mean_pool(hidden.float(), mask), 0.1, training=True))
+            m = known[batch]
+            loss = (loss_fn(logits, targets[batch]) * m).sum() / m.sum().clamp(min=1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lora_params + list(head.parameters()), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            running += loss.item()
+            if step % t.logging_steps == 0 or step == total_steps:
+                avg = running / (t.logging_steps if step % t.logging_steps == 0 else step % t.logging_steps)
+                running = 0.0
+                metrics.write(json.dumps({"step": step, "loss": round(avg, 5), "lr": scheduler.get_last_lr()[0]}) + "\n")
+                metrics.flush()
+                bar.update(task, loss=f"loss {avg:.4f}")
+            bar.advance(task)
     metrics.close()
     train_seconds = time.time() - start
 
@@ -361,33 +561,39 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     peft_cfg["base_model_name_or_path"] = ENCODER_HUB_ID
     (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
     save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(tmp / HEAD_NAME))
-    names = recipe.resolve_path(recipe.data.names_file)
-    if names.is_file():
-        shutil.copyfile(names, tmp / NAMES_NAME)
     meta = {
-        "format_version": 1,
+        "format_version": 2,
         "encoder": recipe.encoder.base if recipe.encoder.base == EMBEDDED_ENCODER else str(encoder_dir),
         "encoder_hub_id": ENCODER_HUB_ID,
-        "categories": categories,
+        "categories": heads,
         "hard_floor": list(HARD_FLOOR),
-        "thresholds": dict.fromkeys(categories, 0.5),
+        "signals": list(SIGNALS),
+        "thresholds": dict.fromkeys(BUILTIN_CATEGORIES, 0.5),
+        "signal_thresholds": dict.fromkeys(SIGNALS, 0.5),
         "max_length": recipe.encoder.max_length,
         "pooling": "mean",
         "normalisation": "llmtune.moderation.normalize.canonical",
     }
     (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
-    # 5. Calibrate on dev through the same fast path the screener uses, then freeze the thresholds.
+    # 5. Calibrate on the held-out slice through the same fast path the screener uses, then freeze.
     adapter = ModerationAdapter(tmp, precision="float32")  # thresholds are calibrated in float32
-    dev_scores = adapter.scores([canonical(r.text) for r in dev_rows])
-    cal = calibrate(dev_scores, dev_rows, categories, recipe.calibration)
-    meta["thresholds"] = {c: cal[c]["threshold"] for c in categories}
-    meta["calibration"] = {"split": str(recipe.data.dev), "split_sha256": _sha256(dev_path), "per_category": cal}
+    cal_scores = adapter.scores([canonical(r.text) for r in cal_rows])
+    cal = calibrate(cal_scores, cal_rows, heads, recipe.calibration)
+    meta["thresholds"] = {c: cal[c]["threshold"] for c in BUILTIN_CATEGORIES}
+    meta["signal_thresholds"] = {c: cal[c]["threshold"] for c in SIGNALS}
+    meta["calibration"] = {"rows": len(cal_rows), "fraction": recipe.data.calibration_fraction, "per_head": cal}
     meta["training"] = {
-        "recipe": recipe.name, "train": str(recipe.data.train), "train_sha256": _sha256(train_path), "rows": len(train_rows),
+        "recipe": recipe.name, "files": {str(p): _sha256(p) for p in files}, "rows": len(train_rows),
         "steps": total_steps, "batch_size": t.batch_size, "seed": t.seed, "lora_rank": recipe.lora.rank,
         "lora_alpha": recipe.lora.alpha, "seconds": round(train_seconds, 1),
     }
+    # 6. The first stage for bulk screening (moderation/bulk.py), distilled from the classifier:
+    #    its target is "the classifier might block this" (any blocking head at half its threshold or
+    #    more, or a blocking label), and its threshold lets every such calibration text through.
+    prefilter = _train_prefilter(adapter, train_rows, train_text, cal_rows, cal_scores, meta["thresholds"])
+    prefilter.save(tmp / PREFILTER_NAME)
+    meta["prefilter"] = prefilter.meta
     (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp.rename(adapter_dir)
@@ -396,11 +602,11 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
         + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     )
 
-    console.print("  calibrated thresholds (dev, adapter alone):")
-    for c in categories:
+    console.print("  calibrated thresholds (calibration slice, classifier alone):")
+    for c in heads:
         k = cal[c]
-        console.print(f"    {c:22s} t={k['threshold']:.3f}  recall {k['dev_recall']:.3f} (target {k['target_recall']})  "
-                      f"FPR {k['dev_fpr']:.3f} (budget {k['max_fpr']})")
+        console.print(f"    {c:22s} t={k['threshold']:.3f}  recall {k['recall']:.3f} (target {k['target_recall']})  "
+                      f"FPR {k['fpr']:.3f} (budget {k['max_fpr']})  [{k['positives']}+/{k['negatives']}-]")
     size = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 1e6
     console.print(f"done: adapter {adapter_dir} ({size:.1f} MB) in {train_seconds:.0f}s")
     return ModerationTrainResult(run_dir, adapter_dir, cal, train_seconds)

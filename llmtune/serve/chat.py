@@ -165,7 +165,8 @@ def _chat_with_run(run_dir: Path, persona, greeting, model, write, sampling, mes
         key, _ = keys.add("terminal", AgeVerification("operator-at-terminal", "local operator", "session"))
         vcfg = vllm_config_for(ServeRequest(run_dir, cfg))
         console.print(f"[dim]starting vLLM and the gateway for {run_dir} ...[/]")
-        with VLLMServer(vcfg) as vllm, GatewayThread(create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys)) as gw:
+        with VLLMServer(vcfg) as vllm, GatewayThread(create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys,
+                                                                upstream_key=vcfg.api_key)) as gw:
             client = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
             served = model or (next(iter(vcfg.adapters)) if vcfg.adapters else vcfg.served_name)
             session = ChatSession(served, persona, greeting)

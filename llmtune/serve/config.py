@@ -16,13 +16,13 @@ class ServeConfigError(LlmtuneError):
 
 
 class RateLimit(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     requests_per_minute: int = Field(60, gt=0, description="Requests a key may start per minute (token bucket).")
     burst: int = Field(10, gt=0, description="Requests a key may make at once before the per-minute rate applies.")
 
 
 class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     host: str = Field("127.0.0.1", description="Gateway bind address; 0.0.0.0 to expose it. vLLM always binds loopback.")
     port: int = Field(8000, gt=0, lt=65536, description="Gateway port (the one chat apps use).")
@@ -35,10 +35,40 @@ class ServeConfig(BaseModel):
     max_header_bytes: int = Field(16_384, gt=0, description="Largest request header block accepted.")
     max_tokens_limit: int = Field(2048, gt=0, description="Largest max_tokens a request may ask for.")
     screen_window_chars: int = Field(
-        64, gt=0, description="Streamed output is released to the client in pieces of about this many characters, each screened first."
+        64, gt=0, le=4096,
+        description=(
+            "Replies are screened at checkpoints: the first whitespace at least this many characters after the last one. "
+            "A stream releases text only up to the last screened checkpoint; a plain reply goes through the same "
+            "checkpoints, so both reach the same decision."
+        ),
     )
     screen_context_chars: int = Field(
-        400, ge=0, description="Already released text screened again with each new piece, so content split across pieces is caught."
+        400, ge=0, le=65536,
+        description="Each checkpoint's window reaches this far back into the reply (the whole conversation's facts are kept anyway).",
+    )
+    screen_workers: int = Field(2, gt=0, le=64, description="Threads that screen requests and replies in parallel.")
+    screen_timeout_s: float = Field(
+        30, gt=0, le=3600, description="Longest a request or a reply checkpoint may take to screen; past it the gateway answers 503 (fails closed)."
+    )
+    max_context_tokens: int = Field(
+        2048, gt=0, le=10_000_000,
+        description="Text beyond what the served context holds is refused with 400 before screening (`llmtune serve` sets it to vLLM's context length).",
+    )
+    withheld_text: str = Field(
+        "[reply withheld by the content policy]", max_length=500,
+        description=(
+            "Sent as the reply's final text when it is blocked (chat apps such as SillyTavern never read finish_reason, so "
+            "without it a block looks like an empty or cut-off message). Empty: send nothing but finish_reason."
+        ),
+    )
+    openapi_docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json (off: they describe the API to anyone who asks).")
+    metrics_port: int | None = Field(
+        None, gt=0, lt=65536, description="Serve Prometheus /metrics on this separate port (on metrics_host); off when null."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Bind address of the metrics port (loopback by default).")
+    metrics_on_gateway: bool = Field(False, description="Also serve /metrics on the gateway port, to requests with a valid API key.")
+    shutdown_grace_s: float = Field(
+        10, ge=0, le=600, description="On SIGTERM, SIGINT or SIGHUP: how long in-flight streams may finish before the gateway and vLLM stop."
     )
     upstream_timeout_s: float = Field(300, gt=0, description="Longest wait for vLLM on one request.")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)

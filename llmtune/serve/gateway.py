@@ -1,12 +1,27 @@
 """The gateway: an OpenAI-compatible endpoint in front of vLLM that screens everything.
 
-`create_app(...)` builds the FastAPI app. Per request: API key (401 unknown, 403 without an
-age-verification record) -> rate limit (429) -> size limits (413) -> parameter check (only
-parameters that cannot smuggle unscreened text through pass) -> every message screened
-(400 with code `content_filter` when blocked) -> vLLM on loopback -> output screened: whole
-for plain responses, in a sliding window for streams, so no text reaches the client before
-it was screened (a block ends the response with finish_reason `content_filter`). Every
-decision goes to the audit log: key id, time, categories, content hash.
+`Gateway(cfg, upstream, screener, keys, audit).app` is the FastAPI app (`create_app(...)` builds
+one). Per request, one method per concern, in order:
+
+1. `authorize`: API key (401 unknown or revoked, read fresh from the key store on every
+   request; 403 without an age-verification record), then the rate limit (429).
+2. `parse`: size limits (413), JSON (400), then `validate_request`: only the roles the API
+   defines, only text content, bounded `logit_bias` and stop strings, no parameter that would
+   put unscreened text in front of the model or the client; the text to screen is collected
+   from every message, every `name`, and every string of a `response_format` schema.
+3. `check_context`: text beyond what the served context can hold is a 400 before any screening.
+4. `screen_input`: the whole conversation through `Screener.conversation_state` (cached by
+   conversation prefix, so a resent history is not screened again), on a pool of screening
+   workers under a time budget (503 past it: the gateway fails closed). Blocked: 400
+   `content_filter`.
+5. `respond` / `stream`: vLLM on loopback (with a key only the gateway knows); the reply is
+   screened in the context of its conversation, at checkpoints that depend only on the reply's
+   text, so a plain and a streamed reply reach the same decision and release the same text. A
+   block ends the reply with `withheld_text` (visible to chat apps that ignore
+   `finish_reason`) and finish_reason `content_filter`.
+
+Every decision goes to the audit log: key id, time, categories, content hash. docs/serving.md
+lists what the gateway refuses and why.
 """
 
 from __future__ import annotations
@@ -28,15 +43,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmtune.moderation.conversation import ConversationState
 from llmtune.serve.config import RateLimit, ServeConfig
 from llmtune.serve.keys import KeyRecord, KeyStore
 
-# Sampling parameters chat apps send (SillyTavern included); anything else is dropped.
+# Sampling parameters chat apps send (SillyTavern included) that vLLM understands; anything else
+# a client sends is not forwarded (it cannot reach the model), and docs/serving.md says so.
 PASSTHROUGH = {
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids", "seed", "stream",
     "stream_options", "n", "user", "logit_bias", "min_tokens", "typical_p", "length_penalty", "ignore_eos",
-    "include_stop_str_in_output", "response_format",
+    "include_stop_str_in_output", "response_format", "skip_special_tokens", "spaces_between_special_tokens",
+    "best_of", "truncate_prompt_tokens", "bad_words",
 }
 # Parameters that would put text in front of the client or the model without screening.
 REFUSED = {
@@ -44,16 +62,33 @@ REFUSED = {
     "chat_template_kwargs": "would inject unscreened template variables",
     "documents": "would add unscreened documents to the prompt",
     "tools": "tool definitions are not screened; this endpoint serves chat only",
+    "functions": "function definitions are not screened; this endpoint serves chat only",
     "logprobs": "log-probabilities reveal unscreened alternative tokens",
     "top_logprobs": "log-probabilities reveal unscreened alternative tokens",
     "prompt_logprobs": "log-probabilities reveal unscreened alternative tokens",
     "echo": "echo is not supported",
-    "best_of": "only one completion per request is supported",
     "suffix": "suffix is not supported",
     "continue_final_message": "would continue an unscreened partial reply",
-    "skip_special_tokens": "special tokens are handled by the server",
+    "add_generation_prompt": "the chat template's generation prompt is fixed",
     "mm_processor_kwargs": "multimodal input is not supported",
+    "guided_json": "guided decoding forces the reply; use response_format (its strings are screened)",
+    "guided_regex": "guided decoding forces the reply",
+    "guided_choice": "guided decoding forces the reply",
+    "guided_grammar": "guided decoding forces the reply",
+    "structured_outputs": "guided decoding forces the reply; use response_format (its strings are screened)",
+    "grammar_string": "guided decoding forces the reply",
+    "json_schema": "guided decoding forces the reply; use response_format (its strings are screened)",
+    "allowed_token_ids": "restricting the vocabulary can force the reply",
+    "prompt_embeds": "embeddings cannot be screened",
 }
+ROLES = ("system", "developer", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "name")
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256
+MAX_NAME_CHARS = 64
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 1.0  # a bias may suppress a token or nudge it, never force it
+MAX_SCHEMA_BYTES = 65_536
 
 
 _SAMPLING_SCHEMA = {
@@ -67,7 +102,7 @@ CHAT_REQUEST_SCHEMA = {
     "type": "object", "required": ["model", "messages"],
     "properties": {**_SAMPLING_SCHEMA, "messages": {"type": "array", "items": {
         "type": "object", "required": ["role", "content"],
-        "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}}},
+        "properties": {"role": {"type": "string", "enum": list(ROLES)}, "content": {"type": "string"}}}}},
 }
 COMPLETION_REQUEST_SCHEMA = {
     "type": "object", "required": ["model", "prompt"], "properties": {**_SAMPLING_SCHEMA, "prompt": {"type": "string"}},
@@ -138,285 +173,514 @@ class Metrics:
         )
 
 
-def message_texts(body: dict) -> list[dict]:
-    """The request's text as messages for the screen (chat messages or completion prompts)."""
-    if "messages" in body:
-        return body["messages"]
-    prompt = body.get("prompt")
-    prompts = prompt if isinstance(prompt, list) else [prompt]
-    return [{"role": "user", "content": p} for p in prompts]
+class BadRequest(Exception):
+    """A client error found while validating: becomes a 400 with the parameter path."""
+
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
+
+    def response(self, status: int = 400) -> JSONResponse:
+        return error(status, str(self), self.code, self.param)
 
 
-def validate_request(body: dict, chat: bool, cfg: ServeConfig) -> tuple[dict | None, JSONResponse | None]:
-    """The body to forward (refused parameters rejected, unknown ones dropped), or an error."""
+# ---------------------------------------------------------------------------------------------
+# Validation: what may pass, and the text to screen
+
+
+def _content_text(content, where: str) -> str:
+    """The text of a message's content: a string, or a list of text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise BadRequest(f"{where} must be a string or a list of text parts", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise BadRequest(f"{at} must be a text part ({{\"type\": \"text\", \"text\": ...}}); this endpoint serves text only", param=at)
+        if not isinstance(part.get("text"), str):
+            raise BadRequest(f"{at}.text must be a string", param=f"{at}.text")
+        extra = set(part) - {"type", "text"}
+        if extra:
+            raise BadRequest(f"{at} has unsupported key(s) {sorted(extra)}", param=at)
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _schema_strings(node, out: list[str], depth: int = 0) -> None:
+    """Every string in a JSON schema: enum and const values, patterns, descriptions, titles,
+    defaults, examples, property names. Guided decoding can force any of them into the reply."""
+    if depth > 64:
+        raise BadRequest("response_format schema is nested too deeply", param="response_format")
+    if isinstance(node, str):
+        out.append(node)
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            out.append(str(k))
+            _schema_strings(v, out, depth + 1)
+    elif isinstance(node, list):
+        for v in node:
+            _schema_strings(v, out, depth + 1)
+
+
+def _response_format(value) -> str | None:
+    """The text a response_format could force, to screen with the conversation (or None)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("response_format must be {\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}", param="response_format")
+    if value["type"] != "json_schema":
+        return None
+    if len(json.dumps(value)) > MAX_SCHEMA_BYTES:
+        raise BadRequest(f"response_format schema over {MAX_SCHEMA_BYTES} bytes", param="response_format")
+    strings: list[str] = []
+    _schema_strings(value.get("json_schema"), strings)
+    return "\n".join(s for s in strings if s.strip())
+
+
+def _check_sampling(body: dict, cfg: ServeConfig) -> None:
+    if body.get("n", 1) not in (None, 1):
+        raise BadRequest("only n=1 is supported", "unsupported_parameter", "n")
+    if body.get("best_of", 1) not in (None, 1):
+        raise BadRequest("only best_of=1 is supported (one completion per request)", "unsupported_parameter", "best_of")
+    limit = body.get("max_tokens") or body.get("max_completion_tokens")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit > cfg.max_tokens_limit or limit < 1):
+        raise BadRequest(f"max_tokens must be an integer from 1 to {cfg.max_tokens_limit}", param="max_tokens")
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise BadRequest("stop must be a string or a list of strings", param="stop")
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters", param="stop")
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise BadRequest(f"logit_bias must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids to numbers", param="logit_bias")
+        for token, value in bias.items():
+            if not str(token).lstrip("-").isdigit() or not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise BadRequest("logit_bias maps token ids to numbers", param=f"logit_bias.{token}")
+            if not -100 <= value <= MAX_LOGIT_BIAS:
+                raise BadRequest(f"logit_bias values must be between -100 and {MAX_LOGIT_BIAS:g}: a bias may suppress a "
+                                 "token or nudge it, never force it", "unsupported_parameter", f"logit_bias.{token}")
+
+
+def validate_request(body: dict, chat: bool, cfg: ServeConfig) -> tuple[dict, list[dict]]:
+    """(the body to forward, the messages to screen). Raises BadRequest."""
     if not isinstance(body, dict):
-        return None, error(400, "the request body must be a JSON object", "invalid_request")
+        raise BadRequest("the request body must be a JSON object")
     for name, why in REFUSED.items():
-        if body.get(name) not in (None, False, 0):
-            return None, error(400, f"`{name}` is not accepted here: {why}", "unsupported_parameter", name)
+        if body.get(name) not in (None, False, 0, "", [], {}):
+            raise BadRequest(f"`{name}` is not accepted here: {why}", "unsupported_parameter", name)
+    _check_sampling(body, cfg)
+    screened: list[dict] = []
+    forward = {k: v for k, v in body.items() if k in PASSTHROUGH}
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
-            return None, error(400, "`messages` must be a non-empty list", "invalid_request", "messages")
+            raise BadRequest("`messages` must be a non-empty list", param="messages")
+        clean = []
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return None, error(400, f"messages[{i}] must be an object with a `role`", "invalid_request", "messages")
-            content = m.get("content")
-            parts_ok = isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content)
-            if not (content is None or isinstance(content, str) or parts_ok):
-                return None, error(400, f"messages[{i}].content must be text", "invalid_request", "messages")
+            at = f"messages[{i}]"
+            if not isinstance(m, dict):
+                raise BadRequest(f"{at} must be an object with `role` and `content`", param=at)
+            role = m.get("role")
+            if role not in ROLES:
+                shown = json.dumps(role)[:40] if isinstance(role, str) else type(role).__name__
+                raise BadRequest(f"{at}.role must be one of {', '.join(ROLES)} (got {shown}); tool and function messages "
+                                 "are not supported", param=f"{at}.role")
+            text = _content_text(m.get("content"), f"{at}.content")
+            out = {"role": role, "content": text}
+            name = m.get("name")
+            if name is not None:
+                if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or any(c in name for c in "\n\r\t<>|{}"):
+                    raise BadRequest(f"{at}.name must be a short name (at most {MAX_NAME_CHARS} characters, one line)",
+                                     param=f"{at}.name")
+                out["name"] = name
+            clean.append(out)  # only role, content and name reach the chat template
+            screened.append(out)
+        forward["messages"] = clean
     else:
         prompt = body.get("prompt")
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
-            return None, error(400, "`prompt` must be a string or a list of strings", "invalid_request", "prompt")
-    if body.get("n", 1) != 1:
-        return None, error(400, "only n=1 is supported", "unsupported_parameter", "n")
-    limit = body.get("max_tokens") or body.get("max_completion_tokens")
-    if limit is not None and (not isinstance(limit, int) or limit > cfg.max_tokens_limit or limit < 1):
-        return None, error(400, f"max_tokens must be an integer from 1 to {cfg.max_tokens_limit}", "invalid_request", "max_tokens")
-    return {k: v for k, v in body.items() if k in PASSTHROUGH}, None
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = prompt
+        else:
+            raise BadRequest("`prompt` must be a string or a list of strings (token ids cannot be screened)", param="prompt")
+        if len(prompts) > 1:
+            raise BadRequest("one prompt per request", "unsupported_parameter", "prompt")
+        screened = [{"role": "user", "content": p} for p in prompts]
+    forced = _response_format(body.get("response_format"))
+    if forced:
+        screened = [*screened, {"role": "system", "content": forced}]
+    return forward, screened
 
 
-def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit: AuditLog | None = None) -> FastAPI:
-    audit = audit or AuditLog(cfg.audit_log, cfg.audit_content)
-    metrics = Metrics.create()
-    buckets: dict[str, TokenBucket] = {}
-    # One thread screens: the encoder is CPU-bound and the event loop must keep streaming.
-    screen_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="screen")
-    state: dict = {}
+# ---------------------------------------------------------------------------------------------
 
-    async def lifespan(app: FastAPI):
-        state["client"] = httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(cfg.upstream_timeout_s, connect=5))
-        yield
-        await state["client"].aclose()
-        screen_pool.shutdown(wait=False)
 
-    app = FastAPI(title="llmtune gateway", version="1", lifespan=lifespan)
+def _text_of(choice: dict, chat: bool) -> str:
+    return ((choice.get("message") or {}).get("content") or "") if chat else (choice.get("text") or "")
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_errors(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "invalid_request")
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        return error(500, f"internal error ({type(exc).__name__}); see the gateway log", "internal_error")
+def _delta_of(choice: dict, chat: bool) -> str:
+    return ((choice.get("delta") or {}).get("content") or "") if chat else (choice.get("text") or "")
 
-    async def screen(fn, *args):
-        # fast: the screen skips work that cannot change a decision (plain text with no cue any
-        # rule or adapter gate needs); the decision is the full screen's.
-        return await asyncio.get_running_loop().run_in_executor(screen_pool, functools.partial(fn, fast=True), *args)
 
-    def record_block(stage: str, decision) -> None:
-        for category in decision.categories or ["unspecified"]:
-            metrics.blocks.labels(stage, category).inc()
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def authorize(request: Request) -> tuple[KeyRecord | None, JSONResponse | None]:
+
+class Gateway:
+    """The app and its state: the upstream client, the screening pool, rate-limit buckets, metrics."""
+
+    def __init__(self, cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit: AuditLog | None = None,
+                 upstream_key: str | None = None, tokenizer=None):
+        self.cfg, self.upstream, self.screener, self.keys = cfg, upstream, screener, keys
+        self.audit = audit or AuditLog(cfg.audit_log, cfg.audit_content)
+        self.upstream_key = upstream_key
+        self.tokenizer = tokenizer  # a `tokenizers.Tokenizer` of the served model, for the context check
+        self.metrics = Metrics.create()
+        self.buckets: dict[str, TokenBucket] = {}
+        self.pool = ThreadPoolExecutor(max_workers=cfg.screen_workers, thread_name_prefix="screen")
+        self.client: httpx.AsyncClient | None = None
+        self.app = self._build()
+
+    # -- 1. who may ask --------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> tuple[KeyRecord | None, JSONResponse | None]:
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        record = keys.lookup(key) if key else None
+        record = self.keys.lookup(key) if key else None
         if record is None:
             return None, error(401, "missing or invalid API key (Authorization: Bearer KEY)", "invalid_api_key")
         if record.age_verification is None:
             return None, error(403, "this key has no age-verification record; this service is for verified adults only",
                                "age_verification_required")
-        bucket = buckets.get(record.id)
+        bucket = self.buckets.get(record.id)
         if bucket is None:
-            bucket = buckets[record.id] = TokenBucket(cfg.key_rate_limits.get(record.name, cfg.rate_limit))
+            bucket = self.buckets[record.id] = TokenBucket(self.cfg.key_rate_limits.get(record.name, self.cfg.rate_limit))
         if not bucket.take():
             return None, error(429, "rate limit exceeded for this key; retry later", "rate_limit_exceeded")
         return record, None
 
-    @app.middleware("http")
-    async def size_and_metrics(request: Request, call_next):
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
-        if header_bytes > cfg.max_header_bytes:
-            response = error(431, f"request headers over {cfg.max_header_bytes} bytes", "headers_too_large")
-        elif length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            response = error(413, f"request body over {cfg.max_body_bytes} bytes", "request_too_large")
-        else:
-            response = await call_next(request)
-        route = request.url.path if request.url.path in {"/v1/chat/completions", "/v1/completions", "/v1/models",
-                                                         "/health", "/metrics"} else "other"
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        return response
+    # -- 2-3. what is asked ----------------------------------------------------------------
 
-    @app.get("/health")
-    async def health():
-        try:
-            r = await state["client"].get("/health", timeout=3)
-            ok = r.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        return JSONResponse({"status": "ok" if ok else "unhealthy", "upstream": ok}, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models(request: Request):
-        _, denied = authorize(request)
-        if denied:
-            return denied
-        try:
-            r = await state["client"].get("/v1/models")
-        except httpx.HTTPError as exc:
-            return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
-        data = r.json()
-        return JSONResponse({"object": "list", "data": [{k: m[k] for k in ("id", "object", "created", "owned_by") if k in m}
-                                                        for m in data.get("data", [])]})
-
-    async def completion(request: Request, chat: bool):
-        route = "/v1/chat/completions" if chat else "/v1/completions"
-        key, denied = authorize(request)
-        if denied:
-            return denied
+    async def parse(self, request: Request, chat: bool) -> tuple[dict, list[dict]]:
         raw = await request.body()
-        if len(raw) > cfg.max_body_bytes:
-            return error(413, f"request body over {cfg.max_body_bytes} bytes", "request_too_large")
+        if len(raw) > self.cfg.max_body_bytes:
+            raise BadRequest(f"request body over {self.cfg.max_body_bytes} bytes", "request_too_large")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            return error(400, "the request body is not valid JSON", "invalid_json")
-        forward, bad = validate_request(body, chat, cfg)
-        if bad:
-            return bad
-        messages = message_texts(forward)
-        decision = await screen(screener.screen_conversation, messages)
-        audit.write(key, route, "input", json.dumps(messages, ensure_ascii=False), decision)
-        if not decision.allowed:
-            record_block("input", decision)
-            return error(400, f"the request was blocked by the content policy ({', '.join(decision.categories)})",
-                         "content_filter", "messages" if chat else "prompt")
-        if forward.get("stream"):
-            return StreamingResponse(stream(route, forward, key, chat), media_type="text/event-stream")
-        return await respond(route, forward, key, chat)
+            raise BadRequest("the request body is not valid JSON", "invalid_json") from None
+        forward, screened = validate_request(body, chat, self.cfg)
+        self.check_context(screened, forward)
+        return forward, screened
 
-    def text_of(choice: dict, chat: bool) -> str:
-        if chat:
-            return (choice.get("message") or {}).get("content") or ""
-        return choice.get("text") or ""
+    def check_context(self, messages: list[dict], body: dict) -> None:
+        """Refuse text the served context cannot hold, before spending any screening on it."""
+        limit = self.cfg.max_context_tokens
+        texts = [m.get("content") or "" for m in messages] + [m.get("name") or "" for m in messages]
+        chars = sum(map(len, texts))
+        if self.tokenizer is not None and chars <= 16 * limit:
+            tokens = sum(len(e.ids) for e in self.tokenizer.encode_batch([t for t in texts if t], add_special_tokens=False))
+        else:
+            tokens = chars // 4 if self.tokenizer is None else chars  # no tokenizer: a generous bound (4 chars a token)
+        if tokens > limit:
+            raise BadRequest(f"the request holds about {tokens} tokens of text; the served context holds {limit} "
+                             "(shorten the history or the prompt)", "context_length_exceeded", "messages")
 
-    def delta_text(choice: dict, chat: bool) -> str:
-        if chat:
-            return (choice.get("delta") or {}).get("content") or ""
-        return choice.get("text") or ""
+    # -- 4. screening ----------------------------------------------------------------------
 
-    async def respond(route: str, body: dict, key: KeyRecord, chat: bool):
+    async def run_screen(self, fn, *args):
+        """`fn(*args)` on the screening pool, under the time budget (past it: fail closed)."""
+        loop = asyncio.get_running_loop()
         try:
-            r = await state["client"].post(route, json=body)
+            return await asyncio.wait_for(loop.run_in_executor(self.pool, functools.partial(fn, *args)),
+                                          timeout=self.cfg.screen_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"screening took longer than {self.cfg.screen_timeout_s:g} s") from None
+
+    def record_block(self, stage: str, decision) -> None:
+        for category in decision.categories or ["unspecified"]:
+            self.metrics.blocks.labels(stage, category).inc()
+
+    # -- 5. the reply ----------------------------------------------------------------------
+
+    def reply_screen(self, state: ConversationState):
+        return state.reply(self.cfg.screen_window_chars, self.cfg.screen_context_chars)
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.upstream_key}"} if self.upstream_key else {}
+
+    async def respond(self, route: str, body: dict, key: KeyRecord, chat: bool, state: ConversationState):
+        try:
+            r = await self.client.post(route, json=body, headers=self._headers())
         except httpx.HTTPError as exc:
             return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
         if r.status_code != 200:
-            try:
-                return JSONResponse(r.json(), status_code=r.status_code)
-            except ValueError:
-                return error(502, "the model server returned an invalid response", "upstream_error")
+            return self._upstream_error(r.status_code, r.content)
         data = r.json()
         for choice in data.get("choices", []):
-            text = text_of(choice, chat)
-            decision = await screen(screener.screen, text)
-            audit.write(key, route, "output", text, decision)
+            text = _text_of(choice, chat)
+            decision, released = await self.run_screen(self.reply_screen(state).screen, text)
+            self.audit.write(key, route, "output", text, decision)
             if not decision.allowed:
-                record_block("output", decision)
+                self.record_block("output", decision)
+                shown = text[:released] + self.cfg.withheld_text
                 if chat:
-                    choice["message"]["content"] = ""
+                    choice["message"]["content"] = shown
                 else:
-                    choice["text"] = ""
+                    choice["text"] = shown
                 choice["finish_reason"] = "content_filter"
         return JSONResponse(data)
 
-    def sse(obj: dict | str) -> str:
-        return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    def _upstream_error(self, status: int, content: bytes) -> JSONResponse:
+        try:
+            return JSONResponse(json.loads(content), status_code=status)
+        except ValueError:
+            return error(502 if status < 500 else status, f"the model server answered {status}", "upstream_error")
 
-    async def stream(route: str, body: dict, key: KeyRecord, chat: bool) -> AsyncIterator[str]:
-        """Relay vLLM's stream, releasing text only in screened windows."""
-        released, pending = "", ""
-        shell: dict = {}
-        sent_role = False
+    async def open_stream(self, route: str, body: dict):
+        """The upstream stream, opened before the client's response starts, so an upstream
+        refusal reaches the client with its own status code (not a 200 with an error event)."""
+        request = self.client.build_request("POST", route, json=body, headers=self._headers())
+        response = await self.client.send(request, stream=True)
+        if response.status_code != 200:
+            content = await response.aread()
+            await response.aclose()
+            return None, self._upstream_error(response.status_code, content)
+        return response, None
 
-        def chunk(text: str | None, finish: str | None) -> dict:
+    async def stream(self, upstream: httpx.Response, route: str, key: KeyRecord, chat: bool,
+                     state: ConversationState) -> AsyncIterator[str]:
+        """Relay vLLM's stream, releasing text only up to the last screened checkpoint."""
+        reply_screen = self.reply_screen(state)
+        reply, sent, shell, sent_role = "", 0, {}, False
+        finish = None
+        decision = None
+
+        def chunk(text: str | None, finish_reason: str | None) -> dict:
+            nonlocal sent_role
             out = {k: shell.get(k) for k in ("id", "object", "created", "model")}
             if chat:
                 delta: dict = {}
                 if not sent_role:
                     delta["role"] = "assistant"
+                    sent_role = True
                 if text:
                     delta["content"] = text
-                out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
             else:
-                out["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish}]
+                out["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish_reason}]
+            return out
+
+        async def release(final: bool):
+            nonlocal sent, decision
+            decision, released = await self.run_screen(reply_screen.check, reply, final)
+            out = reply[sent:released]
+            sent = released
             return out
 
         try:
-            async with state["client"].stream("POST", route, json=body) as r:
-                if r.status_code != 200:
-                    detail = (await r.aread()).decode(errors="replace")[:500]
-                    yield sse(error_body(f"the model server refused the request: {detail}", "upstream_error", "server_error"))
-                    yield sse("[DONE]")
-                    return
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    payload = line[6:].strip()
-                    if payload == "[DONE]":
-                        break
-                    event = json.loads(payload)
-                    if not shell:
-                        shell = event
-                    usage = event.get("usage")
-                    choices = event.get("choices") or []
-                    if not choices:
-                        if usage:
-                            yield sse({**{k: shell.get(k) for k in ("id", "object", "created", "model")}, "choices": [], "usage": usage})
-                        continue
-                    choice = choices[0]
-                    pending += delta_text(choice, chat)
-                    finish = choice.get("finish_reason")
-                    if len(pending) < cfg.screen_window_chars and not finish:
-                        continue
-                    window = released[-cfg.screen_context_chars:] + pending if cfg.screen_context_chars else pending
-                    decision = await screen(screener.screen, window)
-                    audit.write(key, route, "output", window, decision)
-                    if not decision.allowed:
-                        record_block("output", decision)
-                        yield sse(chunk(None, "content_filter"))
-                        yield sse("[DONE]")
-                        return
-                    # Hold back a trailing partial word: a term split across windows ("Kest" + "rel")
-                    # must be screened whole before any of it is released.
-                    cut = len(pending) if finish else max(pending.rfind(" "), pending.rfind("\n")) + 1
-                    if not cut and len(pending) < 4 * cfg.screen_window_chars:
-                        continue
-                    out = pending[: cut or len(pending)]
-                    if out or finish:
-                        yield sse(chunk(out, finish))
-                        sent_role = True
-                        released, pending = released + out, pending[len(out):]
-                if pending:  # the stream ended without a finish reason: screen what is left
-                    decision = await screen(screener.screen, released[-cfg.screen_context_chars:] + pending)
-                    audit.write(key, route, "output", pending, decision)
-                    if not decision.allowed:
-                        record_block("output", decision)
-                        yield sse(chunk(None, "content_filter"))
-                    else:
-                        yield sse(chunk(pending, None))
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == "[DONE]":
+                    break
+                event = json.loads(payload)
+                shell = shell or event
+                choices = event.get("choices") or []
+                if not choices:
+                    if event.get("usage"):
+                        yield _sse({**{k: shell.get(k) for k in ("id", "object", "created", "model")}, "choices": [],
+                                    "usage": event["usage"]})
+                    continue
+                reply += _delta_of(choices[0], chat)
+                finish = choices[0].get("finish_reason") or finish
+                out = await release(final=bool(finish))
+                if not decision.allowed:
+                    break
+                if out:
+                    yield _sse(chunk(out, None))
+            if decision is None or decision.allowed:
+                out = await release(final=True)  # the end: whatever is left, screened whole
+                if out and decision.allowed:
+                    yield _sse(chunk(out, None))
+            self.audit.write(key, route, "output", reply, decision)
+            if not decision.allowed:
+                self.record_block("output", decision)
+                yield _sse(chunk(self.cfg.withheld_text or None, "content_filter"))
+            else:
+                yield _sse(chunk(None, finish or "stop"))
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
-            yield sse(error_body(f"the model server failed mid-stream ({type(exc).__name__})", "upstream_unavailable", "server_error"))
-        yield sse("[DONE]")
+            yield _sse(error_body(f"the model server failed mid-stream ({type(exc).__name__})", "upstream_unavailable", "server_error"))
+        except TimeoutError as exc:
+            yield _sse(error_body(f"{exc}; the reply was withheld", "screening_timeout", "server_error"))
+        finally:
+            await upstream.aclose()
+        yield _sse("[DONE]")
 
-    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": CHAT_REQUEST_SCHEMA}}}})
-    async def chat_completions(request: Request):
-        return await completion(request, chat=True)
+    # -- the routes ------------------------------------------------------------------------
 
-    @app.post("/v1/completions", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": COMPLETION_REQUEST_SCHEMA}}}})
-    async def completions(request: Request):
-        return await completion(request, chat=False)
+    async def completion(self, request: Request, chat: bool):
+        route = "/v1/chat/completions" if chat else "/v1/completions"
+        key, denied = self.authorize(request)
+        if denied:
+            return denied
+        try:
+            forward, messages = await self.parse(request, chat)
+        except BadRequest as exc:
+            return exc.response(413 if exc.code == "request_too_large" else 400)
+        try:
+            state = await self.run_screen(self.screener.conversation_state, messages)
+        except TimeoutError as exc:
+            return error(503, f"{exc}; the request was not served", "screening_timeout")
+        decision = state.decision()
+        self.audit.write(key, route, "input", json.dumps(messages, ensure_ascii=False), decision)
+        if not decision.allowed:
+            self.record_block("input", decision)
+            return error(400, f"the request was blocked by the content policy ({', '.join(decision.categories)})",
+                         "content_filter", "messages" if chat else "prompt")
+        if not forward.get("stream"):
+            try:
+                return await self.respond(route, forward, key, chat, state)
+            except TimeoutError as exc:
+                return error(503, f"{exc}; the reply was withheld", "screening_timeout")
+        try:
+            upstream, refused = await self.open_stream(route, forward)
+        except httpx.HTTPError as exc:
+            return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
+        if refused is not None:
+            return refused
+        return StreamingResponse(self.stream(upstream, route, key, chat, state), media_type="text/event-stream")
 
-    app.state.metrics = metrics
-    return app
+    def _build(self) -> FastAPI:
+        cfg = self.cfg
+
+        async def lifespan(app: FastAPI):
+            self.client = httpx.AsyncClient(base_url=self.upstream, timeout=httpx.Timeout(cfg.upstream_timeout_s, connect=5))
+            metrics_server = None
+            if cfg.metrics_port:
+                from prometheus_client import start_http_server
+
+                metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
+            yield
+            await self.client.aclose()
+            self.pool.shutdown(wait=False)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+
+        docs = {} if cfg.openapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+        app = FastAPI(title="llmtune gateway", version="1", lifespan=lifespan, **docs)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_errors(request: Request, exc: StarletteHTTPException):
+            return error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "invalid_request")
+
+        @app.exception_handler(Exception)
+        async def unexpected(request: Request, exc: Exception):
+            return error(500, f"internal error ({type(exc).__name__}); see the gateway log", "internal_error")
+
+        @app.middleware("http")
+        async def size_and_metrics(request: Request, call_next):
+            start = time.perf_counter()
+            length = request.headers.get("content-length")
+            header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
+            if header_bytes > cfg.max_header_bytes:
+                response = error(431, f"request headers over {cfg.max_header_bytes} bytes", "headers_too_large")
+            elif length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+                response = error(413, f"request body over {cfg.max_body_bytes} bytes", "request_too_large")
+            else:
+                response = await call_next(request)
+            route = request.url.path if request.url.path in {"/v1/chat/completions", "/v1/completions", "/v1/models",
+                                                             "/tokenize", "/health"} else "other"
+            self.metrics.requests.labels(route, str(response.status_code)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            return response
+
+        @app.get("/health")
+        async def health():
+            try:
+                r = await self.client.get("/health", timeout=3)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            return JSONResponse({"status": "ok" if ok else "unhealthy", "upstream": ok}, status_code=200 if ok else 503)
+
+        if cfg.metrics_on_gateway:
+            @app.get("/metrics")
+            async def prometheus(request: Request):
+                _, denied = self.authorize(request)
+                if denied:
+                    return denied
+                return PlainTextResponse(generate_latest(self.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
+
+        @app.get("/v1/models")
+        @app.get("/models")  # SillyTavern's Custom source uses the URL as typed: without /v1 too
+        async def models(request: Request):
+            _, denied = self.authorize(request)
+            if denied:
+                return denied
+            try:
+                r = await self.client.get("/v1/models", headers=self._headers())
+            except httpx.HTTPError as exc:
+                return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
+            if r.status_code != 200:
+                return self._upstream_error(r.status_code, r.content)
+            data = r.json()
+            return JSONResponse({"object": "list", "data": [{k: m[k] for k in ("id", "object", "created", "owned_by") if k in m}
+                                                            for m in data.get("data", [])]})
+
+        @app.post("/tokenize")
+        @app.post("/v1/tokenize")
+        async def tokenize(request: Request):
+            # SillyTavern's Text Completion counts tokens on the backend ("Best match" tokenizer):
+            # one call per piece of the prompt. Nothing is generated, so nothing is screened; the
+            # reply is the count only.
+            _, denied = self.authorize(request)
+            if denied:
+                return denied
+            raw = await request.body()
+            if len(raw) > cfg.max_body_bytes:
+                return error(413, f"request body over {cfg.max_body_bytes} bytes", "request_too_large")
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                return error(400, "the request body is not valid JSON", "invalid_json")
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                return error(400, "`prompt` must be a string", "invalid_request", "prompt")
+            forward = {k: body[k] for k in ("model", "prompt", "add_special_tokens") if k in body}
+            try:
+                r = await self.client.post("/tokenize", json=forward, headers=self._headers())
+            except httpx.HTTPError as exc:
+                return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
+            if r.status_code != 200:
+                return self._upstream_error(r.status_code, r.content)
+            data = r.json()
+            return JSONResponse({k: data[k] for k in ("count", "max_model_len") if k in data})
+
+        @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": CHAT_REQUEST_SCHEMA}}}})
+        async def chat_completions(request: Request):
+            return await self.completion(request, chat=True)
+
+        app.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
+
+        @app.post("/v1/completions", openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": COMPLETION_REQUEST_SCHEMA}}}})
+        async def completions(request: Request):
+            return await self.completion(request, chat=False)
+
+        app.state.metrics = self.metrics
+        app.state.gateway = self
+        return app
+
+
+def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit: AuditLog | None = None,
+               upstream_key: str | None = None, tokenizer=None) -> FastAPI:
+    return Gateway(cfg, upstream, screener, keys, audit, upstream_key, tokenizer).app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -52,15 +53,31 @@ def hash_key(key: str) -> str:
 
 
 class KeyStore:
+    """Keys in a JSON file, re-read whenever the file changes: a key revoked with
+    `llmtune keys revoke` is refused on its very next request, without a restart."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.records: list[KeyRecord] = []
-        if self.path.exists():
-            try:
-                self.records = [KeyRecord.from_json(d) for d in json.loads(self.path.read_text())["keys"]]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise KeyError_(f"cannot read key store {self.path}: {exc}") from None
+        self._stamp: tuple[int, int] | None = None
+        self._by_hash: dict[str, KeyRecord] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.records, self._by_hash, self._stamp = [], {}, None
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            self.records = [KeyRecord.from_json(d) for d in json.loads(self.path.read_text())["keys"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeyError_(f"cannot read key store {self.path}: {exc}") from None
         self._by_hash = {r.sha256: r for r in self.records}
+        self._stamp = stamp
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,5 +108,12 @@ class KeyStore:
         raise KeyError_(f"no live key named or with id `{name_or_id}` in {self.path} (llmtune keys list)")
 
     def lookup(self, key: str) -> KeyRecord | None:
-        record = self._by_hash.get(hash_key(key))
-        return None if record is None or record.revoked else record
+        try:
+            self._load()
+        except KeyError_:
+            pass  # a half-written file: keep the last good records (saves are atomic, so this is rare)
+        digest = hash_key(key)
+        record = self._by_hash.get(digest)
+        if record is None or not hmac.compare_digest(record.sha256, digest):
+            return None
+        return None if record.revoked else record

@@ -63,11 +63,26 @@ def _adapter_rank(path: str) -> int:
     return next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)
 
 
+def served_tokenizer(model: str):
+    """The served model's fast tokenizer (tokenizer.json), for the gateway's context check; None if it has none."""
+    from tokenizers import Tokenizer
+
+    path = Path(model) / "tokenizer.json"
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+class _Stop(Exception):
+    """Raised by the signal handler while vLLM is still starting: unwind and stop it."""
+
+
 def serve(req: ServeRequest) -> None:
+    import contextlib
+    import signal
+
     import uvicorn
 
     from llmtune.moderation import load_screener
-    from llmtune.serve.gateway import create_app
+    from llmtune.serve.gateway import Gateway
     from llmtune.serve.keys import KeyStore
 
     cfg = req.config
@@ -77,15 +92,46 @@ def serve(req: ServeRequest) -> None:
                       "Add one: llmtune keys add NAME --age-verified-by METHOD")
     screener = load_screener(cfg.moderation)
     vcfg = vllm_config_for(req)
-    console.print(f"[bold]serve[/]: starting vLLM on loopback ({vcfg.model}) ...")
-    server = VLLMServer(vcfg)
-    with VLLMSupervisor(server):  # restarts vLLM if it dies; /health is 503 until it is back
-        served = [vcfg.served_name, *vcfg.adapters]
-        console.print(f"  vLLM ready at {server.base_url} (loopback only); models: {', '.join(served)}")
-        app = create_app(cfg, server.base_url, screener, keys)
-        console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops both)")
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
-                    h11_max_incomplete_event_size=cfg.max_header_bytes)
+    cfg.max_context_tokens = vcfg.max_model_len
+    server_box: dict = {}
+
+    def stop(signum, _frame):
+        # SIGTERM (systemd, docker stop), SIGINT (Ctrl-C), SIGHUP (closed terminal): stop taking
+        # requests, let in-flight streams finish within shutdown_grace_s, stop vLLM, exit.
+        console.print(f"[bold]serve[/]: {signal.Signals(signum).name}: shutting down")
+        uv = server_box.get("server")
+        if uv is None:
+            raise _Stop()
+        if uv.should_exit:
+            uv.force_exit = True  # a second signal: stop waiting for in-flight streams
+        uv.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        console.print(f"[bold]serve[/]: starting vLLM on loopback ({vcfg.model}) ...")
+        server = VLLMServer(vcfg)
+        with VLLMSupervisor(server):  # restarts vLLM if it dies; /health is 503 until it is back
+            served = [vcfg.served_name, *vcfg.adapters]
+            console.print(f"  vLLM ready at {server.base_url} (loopback only, answers only the gateway's key); "
+                          f"models: {', '.join(served)}")
+            gateway = Gateway(cfg, server.base_url, screener, keys, upstream_key=vcfg.api_key,
+                              tokenizer=served_tokenizer(vcfg.model))
+            console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 (Ctrl-C or SIGTERM stops both)")
+            config = uvicorn.Config(gateway.app, host=cfg.host, port=cfg.port, log_level="warning",
+                                    h11_max_incomplete_event_size=cfg.max_header_bytes,
+                                    timeout_graceful_shutdown=cfg.shutdown_grace_s)
+            uv = uvicorn.Server(config)
+            # Ours stay in place: uvicorn's would ignore SIGHUP, and after a graceful stop it re-raises
+            # SIGTERM with the default handler, which kills this process before it stops vLLM (that
+            # was how `kill` left an orphaned vLLM holding its memory and port).
+            uv.capture_signals = contextlib.nullcontext
+            server_box["server"] = uv
+            uv.run()
+    except _Stop:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     console.print("stopped")
 
 

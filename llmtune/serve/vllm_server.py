@@ -7,6 +7,7 @@ distribution), so the server always starts as `python -m vllm.entrypoints.openai
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,6 +24,16 @@ LOOPBACK = "127.0.0.1"
 
 class VLLMStartError(LlmtuneError):
     """vLLM exited or never became healthy; the message carries its log tail."""
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent dies (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the gateway's own shutdown stops vLLM
 
 
 def free_port() -> int:
@@ -44,6 +55,11 @@ class VLLMConfig:
     tensor_parallel_size: int = 1
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
     extra_args: list[str] = field(default_factory=list)
+    # A random key only the gateway knows: vLLM answers nothing else (see vllm_guard).
+    api_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # Chat apps send the names plus every instruct sequence as stop strings (5 or more with a
+    # ChatML preset); vLLM's default limit is 4.
+    max_stop_strings: int = 64
 
     def command(self) -> list[str]:
         cmd = [
@@ -61,7 +77,16 @@ class VLLMConfig:
         if self.adapters:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules"]
             cmd += [f"{name}={path}" for name, path in self.adapters.items()]
+        if self.api_key:
+            cmd += ["--middleware", "llmtune.serve.vllm_guard.RequireKey"]
         return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "VLLM_MAX_STOP_STRINGS": str(self.max_stop_strings)}
+        if self.api_key:
+            env.update(VLLM_API_KEY=self.api_key, LLMTUNE_VLLM_KEY=self.api_key)
+        return env
 
 
 class VLLMServer:
@@ -86,12 +111,12 @@ class VLLMServer:
             return "(no log)"
 
     def start(self) -> "VLLMServer":
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.kv_cache_gib), "VLLM_NO_USAGE_STATS": "1",
-               "DO_NOT_TRACK": "1"}
+        env = {**os.environ, **self.cfg.environment()}
         log = self.log_path.open("w")
-        # Own process group: Ctrl-C in the terminal reaches us, and we stop vLLM and its workers.
+        # Own process group, so we stop vLLM and all its workers together; and vLLM gets SIGTERM
+        # if we die without stopping it (SIGKILL, a crash), so it never outlives the gateway.
         self.proc = subprocess.Popen(self.cfg.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -109,6 +134,11 @@ class VLLMServer:
                 return r.status == 200
         except OSError:
             return False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a client of this server must send (the gateway's key)."""
+        return {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
 
     def stop(self, timeout: float = 20) -> None:
         if self.proc is None or self.proc.poll() is not None:
