@@ -6,21 +6,23 @@ parameters that cannot smuggle unscreened text through pass) -> every message sc
 (400 with code `content_filter` when blocked) -> vLLM on loopback -> output screened: whole
 for plain responses, in a sliding window for streams, so no text reaches the client before
 it was screened (a block ends the response with finish_reason `content_filter`). Every
-decision goes to the audit log: key id, time, categories, content hash.
+decision goes to the audit table: key id, time, categories, content hash.
+
+The state behind a request lives outside the process (llmtune/serve/store.py, ratelimit.py):
+the key is looked up in the store on every request, the rate limit is counted in the shared
+`limits` storage, and each audit row is committed before what it decided is sent, so any
+number of replicas can serve the same keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
-import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -28,8 +30,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmtune.serve.config import RateLimit, ServeConfig
-from llmtune.serve.keys import KeyRecord, KeyStore
+from llmtune.serve.config import ServeConfig
+from llmtune.serve.keys import KeyRecord
+from llmtune.serve.ratelimit import KeyRateLimiter, RateLimiterUnavailable
+from llmtune.serve.store import AuditLog, Store, StoreUnavailable
 
 # Sampling parameters chat apps send (SillyTavern included); anything else is dropped.
 PASSTHROUGH = {
@@ -80,44 +84,6 @@ def error_body(message: str, code: str, type_: str = "invalid_request_error", pa
 
 def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, code, param=param), status_code=status)
-
-
-class TokenBucket:
-    def __init__(self, limit: RateLimit):
-        self.rate = limit.requests_per_minute / 60.0
-        self.capacity = float(limit.burst)
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-class AuditLog:
-    """One JSON line per moderation decision. Content only when the operator opts in."""
-
-    def __init__(self, path: str | Path, with_content: bool):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.with_content = with_content
-        self.lock = threading.Lock()
-
-    def write(self, key: KeyRecord | None, route: str, stage: str, text: str, decision) -> None:
-        record = {
-            "time": time.time(), "key_id": key.id if key else None, "route": route, "stage": stage,
-            "allowed": decision.allowed, "categories": decision.categories, "layer": decision.layer,
-            "sha256": hashlib.sha256(text.encode("utf-8", "replace")).hexdigest(),
-        }
-        if self.with_content:
-            record["content"] = text
-        with self.lock, self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -177,10 +143,13 @@ def validate_request(body: dict, chat: bool, cfg: ServeConfig) -> tuple[dict | N
     return {k: v for k, v in body.items() if k in PASSTHROUGH}, None
 
 
-def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit: AuditLog | None = None) -> FastAPI:
-    audit = audit or AuditLog(cfg.audit_log, cfg.audit_content)
+def create_app(cfg: ServeConfig, upstream: str, screener, keys: Store, audit: AuditLog | None = None,
+               limiter: KeyRateLimiter | None = None) -> FastAPI:
+    audit = audit or AuditLog(keys, cfg.audit_content)
+    limiter = limiter or KeyRateLimiter(cfg.rate_limit_storage, cfg.rate_limit, cfg.key_rate_limits)
     metrics = Metrics.create()
-    buckets: dict[str, TokenBucket] = {}
+    # Key lookups and rate-limit hits are network calls (database, Redis): threads, off the event loop.
+    state_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="state")
     # One thread screens: the encoder is CPU-bound and the event loop must keep streaming.
     screen_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="screen")
     state: dict = {}
@@ -190,12 +159,18 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
         yield
         await state["client"].aclose()
         screen_pool.shutdown(wait=False)
+        state_pool.shutdown(wait=False)
 
     app = FastAPI(title="llmtune gateway", version="1", lifespan=lifespan)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_errors(request: Request, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "invalid_request")
+
+    @app.exception_handler(StoreUnavailable)
+    @app.exception_handler(RateLimiterUnavailable)
+    async def state_unavailable(request: Request, exc: Exception):
+        return error(503, f"{exc}; retry later", "service_unavailable")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -210,19 +185,25 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
         for category in decision.categories or ["unspecified"]:
             metrics.blocks.labels(stage, category).inc()
 
-    def authorize(request: Request) -> tuple[KeyRecord | None, JSONResponse | None]:
+    def check_key(key: str) -> tuple[KeyRecord | None, int]:
+        """The key's record and the status it earns: 200, 401 unknown or revoked, 403 unverified, 429 over its limit."""
+        record = keys.lookup(key) if key else None  # no cache: a revocation holds from the next request on
+        if record is None:
+            return None, 401
+        if record.age_verification is None:
+            return record, 403
+        return record, 200 if limiter.allow(record) else 429
+
+    async def authorize(request: Request) -> tuple[KeyRecord | None, JSONResponse | None]:
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        record = keys.lookup(key) if key else None
-        if record is None:
+        record, status = await asyncio.get_running_loop().run_in_executor(state_pool, check_key, key)
+        if status == 401:
             return None, error(401, "missing or invalid API key (Authorization: Bearer KEY)", "invalid_api_key")
-        if record.age_verification is None:
+        if status == 403:
             return None, error(403, "this key has no age-verification record; this service is for verified adults only",
                                "age_verification_required")
-        bucket = buckets.get(record.id)
-        if bucket is None:
-            bucket = buckets[record.id] = TokenBucket(cfg.key_rate_limits.get(record.name, cfg.rate_limit))
-        if not bucket.take():
+        if status == 429:
             return None, error(429, "rate limit exceeded for this key; retry later", "rate_limit_exceeded")
         return record, None
 
@@ -258,7 +239,7 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        _, denied = authorize(request)
+        _, denied = await authorize(request)
         if denied:
             return denied
         try:
@@ -271,7 +252,7 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
 
     async def completion(request: Request, chat: bool):
         route = "/v1/chat/completions" if chat else "/v1/completions"
-        key, denied = authorize(request)
+        key, denied = await authorize(request)
         if denied:
             return denied
         raw = await request.body()
@@ -286,7 +267,7 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
             return bad
         messages = message_texts(forward)
         decision = await screen(screener.screen_conversation, messages)
-        audit.write(key, route, "input", json.dumps(messages, ensure_ascii=False), decision)
+        await audit.write(key, route, "input", json.dumps(messages, ensure_ascii=False), decision)
         if not decision.allowed:
             record_block("input", decision)
             return error(400, f"the request was blocked by the content policy ({', '.join(decision.categories)})",
@@ -319,7 +300,7 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
         for choice in data.get("choices", []):
             text = text_of(choice, chat)
             decision = await screen(screener.screen, text)
-            audit.write(key, route, "output", text, decision)
+            await audit.write(key, route, "output", text, decision)
             if not decision.allowed:
                 record_block("output", decision)
                 if chat:
@@ -380,7 +361,7 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
                         continue
                     window = released[-cfg.screen_context_chars:] + pending if cfg.screen_context_chars else pending
                     decision = await screen(screener.screen, window)
-                    audit.write(key, route, "output", window, decision)
+                    await audit.write(key, route, "output", window, decision)
                     if not decision.allowed:
                         record_block("output", decision)
                         yield sse(chunk(None, "content_filter"))
@@ -398,7 +379,7 @@ def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit:
                         released, pending = released + out, pending[len(out):]
                 if pending:  # the stream ended without a finish reason: screen what is left
                     decision = await screen(screener.screen, released[-cfg.screen_context_chars:] + pending)
-                    audit.write(key, route, "output", pending, decision)
+                    await audit.write(key, route, "output", pending, decision)
                     if not decision.allowed:
                         record_block("output", decision)
                         yield sse(chunk(None, "content_filter"))

@@ -2,7 +2,8 @@
 
 Entry point: `serve(ServeRequest)`. A run directory serves its merged model when there is one,
 else its base with the adapter; a model directory serves as is; `--adapter name=path` adds
-LoRA adapters by model name. Ctrl-C stops the gateway and vLLM cleanly.
+LoRA adapters by model name. Ctrl-C stops the gateway and vLLM cleanly. `serve_gateway(cfg,
+upstream)` runs the gateway alone in front of a vLLM that runs elsewhere (another container).
 """
 
 from __future__ import annotations
@@ -63,18 +64,35 @@ def _adapter_rank(path: str) -> int:
     return next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)
 
 
-def serve(req: ServeRequest) -> None:
+def open_gateway_state(cfg: ServeConfig):
+    """The store (schema migrated) and the rate limiter the gateway uses, with what they are printed."""
+    from llmtune.serve.ratelimit import KeyRateLimiter
+    from llmtune.serve.store import open_store
+
+    store = open_store(cfg.store)
+    limiter = KeyRateLimiter(cfg.rate_limit_storage, cfg.rate_limit, cfg.key_rate_limits)
+    shared = "shared by every replica" if not cfg.rate_limit_storage.startswith("memory") else "this process only"
+    console.print(f"  keys and audit: {store.display}; rate limits: {limiter.display} ({shared})")
+    if not any(k.age_verification and not k.revoked for k in store.records):
+        console.print(f"[yellow]warning[/]: no age-verified key in {store.display}; every request will be refused. "
+                      "Add one: llmtune keys add NAME --age-verified-by METHOD")
+    return store, limiter
+
+
+def _run_gateway(cfg: ServeConfig, upstream: str, store, limiter, screener) -> None:
     import uvicorn
 
-    from llmtune.moderation import load_screener
     from llmtune.serve.gateway import create_app
-    from llmtune.serve.keys import KeyStore
+
+    app = create_app(cfg, upstream, screener, store, limiter=limiter)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", h11_max_incomplete_event_size=cfg.max_header_bytes)
+
+
+def serve(req: ServeRequest) -> None:
+    from llmtune.moderation import load_screener
 
     cfg = req.config
-    keys = KeyStore(cfg.keys_file)
-    if not any(k.age_verification and not k.revoked for k in keys.records):
-        console.print(f"[yellow]warning[/]: no age-verified key in {cfg.keys_file}; every request will be refused. "
-                      "Add one: llmtune keys add NAME --age-verified-by METHOD")
+    store, limiter = open_gateway_state(cfg)
     screener = load_screener(cfg.moderation)
     vcfg = vllm_config_for(req)
     console.print(f"[bold]serve[/]: starting vLLM on loopback ({vcfg.model}) ...")
@@ -82,10 +100,19 @@ def serve(req: ServeRequest) -> None:
     with VLLMSupervisor(server):  # restarts vLLM if it dies; /health is 503 until it is back
         served = [vcfg.served_name, *vcfg.adapters]
         console.print(f"  vLLM ready at {server.base_url} (loopback only); models: {', '.join(served)}")
-        app = create_app(cfg, server.base_url, screener, keys)
         console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops both)")
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
-                    h11_max_incomplete_event_size=cfg.max_header_bytes)
+        _run_gateway(cfg, server.base_url, store, limiter, screener)
+    console.print("stopped")
+
+
+def serve_gateway(cfg: ServeConfig, upstream: str) -> None:
+    """The gateway alone, in front of a vLLM server at `upstream` that something else runs."""
+    from llmtune.moderation import load_screener
+
+    store, limiter = open_gateway_state(cfg)
+    screener = load_screener(cfg.moderation)
+    console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 in front of {upstream} (Ctrl-C stops it)")
+    _run_gateway(cfg, upstream.rstrip("/"), store, limiter, screener)
     console.print("stopped")
 
 
