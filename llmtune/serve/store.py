@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Integer, MetaData, String, Text, create_engine, delete, event,
-                        or_, select)
+                        or_, select, text)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -148,18 +148,13 @@ def current_revision(engine: Engine) -> str | None:
 
 
 @contextmanager
-def _migration_lock(engine: Engine, conn):
-    """One process migrates at a time: replicas that start together wait for the first."""
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy import text
-
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+def _sqlite_lock(engine: Engine):
+    """Processes on one SQLite file migrate one at a time (held until the migration has committed)."""
+    if engine.dialect.name != "sqlite":
         yield
-    elif engine.dialect.name == "sqlite":
-        with open(f"{engine.url.database}.migrate-lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-    else:
+        return
+    with open(f"{engine.url.database}.migrate-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
@@ -170,7 +165,9 @@ def migrate(engine: Engine, revision: str = "head") -> tuple[str | None, str | N
     before = current_revision(engine)
     if revision == "head" and before == head_revision():
         return before, before
-    with engine.begin() as conn, _migration_lock(engine, conn):
+    with _sqlite_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # replicas that start together: one migrates, the others wait
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
         command.upgrade(_alembic_config(conn), revision)
     return before, current_revision(engine)
 
