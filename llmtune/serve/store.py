@@ -348,11 +348,12 @@ def new_revision(message: str) -> None:
     import tempfile
 
     from alembic import command
+    from alembic.script import ScriptDirectory
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = _engine(store_url(f"{tmp}/head.db"))
         migrate(engine)
         with engine.begin() as conn:
             command.revision(_alembic_config(conn), message, autogenerate=True,
-                             rev_id=f"{len(_scripts()) + 1:04d}")
+                             rev_id=f"{len(list(ScriptDirectory.from_config(_alembic_config(None)).walk_revisions())) + 1:04d}")
         engine.dispose()
