@@ -176,3 +176,20 @@ def test_rate_limiter_in_memory_and_redis_counts_one_key_across_limiter_instance
     assert [replicas[i % 2].allow(named) for i in range(4)] == [True] * 2 + [False] * 2
     separate = [KeyRateLimiter("memory://", RateLimit(requests_per_minute=1, burst=2)) for _ in range(2)]
     assert [separate[i % 2].allow(named) for i in range(6)] == [True] * 4 + [False] * 2  # memory:// is per process
+
+
+def test_keys_cli_add_list_limit_against_either_store(location, tmp_path):
+    added = run_cli("keys", "add", "erin", "--age-verified-by", "id-document", "--verifier", "ops", "--date", "2026-11-01",
+                    "--store", location)
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip()
+    assert key.startswith("lt-") and "not shown again" in added.stderr
+    assert run_cli("keys", "limit", "erin", "--requests-per-minute", "240", "--burst", "20", "--store", location).returncode == 0
+    listed = [json.loads(line) for line in run_cli("keys", "list", "--json", "--store", location).stdout.splitlines()]
+    assert listed == [{**listed[0], "name": "erin", "revoked": False, "requests_per_minute": 240, "burst": 20,
+                       "age_verification": {"method": "id-document", "verifier": "ops", "date": "2026-11-01"}}]
+    assert "sha256" not in listed[0] and open_store(location).lookup(key).id == listed[0]["id"]
+    old = tmp_path / "old.yaml"
+    old.write_text("keys_file: serve/keys.json\n")
+    refused = run_cli("keys", "list", "--config", str(old))
+    assert refused.returncode == 2 and "llmtune keys import serve/keys.json" in refused.stderr
