@@ -139,3 +139,27 @@ def test_a_replica_killed_mid_request_loses_no_audit_row_of_a_request_it_answere
     outputs = " ".join(r["content"] for r in rows if r["stage"] == "output")
     missing = [m for m in answered if not any(f"Say {m}\"" in c for c in inputs) or m not in outputs]
     assert not missing, f"{len(missing)} of {len(answered)} answered requests have no audit row: {missing[:5]}"
+
+
+def test_an_unreachable_store_or_rate_limit_storage_is_a_503_never_an_unchecked_request(tmp_path):
+    from llmtune.moderation import load_screener
+    from llmtune.serve.config import ServeConfig
+    from llmtune.serve.gateway import create_app
+    from llmtune.serve.store import Store
+    from llmtune.serve.vllm_server import free_port
+
+    store = open_store(str(tmp_path / "llmtune.db"))
+    key, _ = store.add("adult", VERIFIED)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    no_redis = ServeConfig(store=str(tmp_path / "llmtune.db"), rate_limit_storage=f"redis://{dead}/0")
+    no_db = ServeConfig(store=f"postgresql://postgres:s3cret@{dead}/llmtune")
+    screener = load_screener(no_redis.moderation)
+    with GatewayThread(create_fake_vllm()) as upstream, \
+            GatewayThread(create_app(no_redis, upstream.base_url, screener, store)) as gw_redis, \
+            GatewayThread(create_app(no_db, upstream.base_url, screener, Store(no_db.store, migrate_schema=False))) as gw_db:
+        for gw, what in ((gw_redis, "rate-limit storage"), (gw_db, "key and audit store")):
+            r = httpx.post(f"{gw.base_url}/v1/chat/completions", json={"model": "fake", "messages": CHAT},
+                           headers={"Authorization": f"Bearer {key}"}, timeout=60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+            assert what in r.json()["error"]["message"] and "s3cret" not in r.text
+    assert store.audit_rows() == []  # nothing was screened or answered
