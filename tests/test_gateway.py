@@ -13,7 +13,8 @@ from llmtune.export.merge import merge
 from llmtune.moderation import ModerationConfig, load_screener
 from llmtune.serve.config import RateLimit, ServeConfig
 from llmtune.serve.gateway import AuditLog, create_app
-from llmtune.serve.keys import AgeVerification, KeyStore
+from llmtune.serve.keys import AgeVerification
+from llmtune.serve.store import open_store
 from llmtune.serve.run import GatewayThread
 from llmtune.serve.vllm_server import VLLMConfig, VLLMServer
 
@@ -27,7 +28,7 @@ def stack(memorised_run, tmp_path_factory):
     run_dir = memorised_run.run_dir
     if not (run_dir / "merged").exists():
         merge(memorised_run)
-    keys = KeyStore(tmp / "keys.json")
+    keys = open_store(str(tmp / "llmtune.db"))
     verified = AgeVerification("id-document", "test operator", "2026-11-25")
     key, _ = keys.add("adult", verified)
     limited, _ = keys.add("limited", verified)
@@ -35,20 +36,19 @@ def stack(memorised_run, tmp_path_factory):
     # A platform category that the memorised model's answer hits: shows a block mid-stream.
     policy = tmp / "policy.yaml"
     policy.write_text("categories:\n  ship_names:\n    description: test category\n    keywords: [Kestrel]\n")
-    base_cfg = dict(keys_file=str(tmp / "keys.json"), key_rate_limits={"limited": RateLimit(requests_per_minute=1, burst=2),
+    base_cfg = dict(store=str(tmp / "llmtune.db"), key_rate_limits={"limited": RateLimit(requests_per_minute=1, burst=2),
                                                          "adult": RateLimit(requests_per_minute=100_000, burst=1_000)},
                     screen_window_chars=8, screen_context_chars=64)
-    cfg = ServeConfig(audit_log=str(tmp / "audit.jsonl"), **base_cfg)
-    strict = ServeConfig(audit_log=str(tmp / "audit-strict.jsonl"),
-                         moderation=ModerationConfig(policy_file=str(policy)), **base_cfg)
+    cfg = ServeConfig(**base_cfg)
+    strict = ServeConfig(moderation=ModerationConfig(policy_file=str(policy)), **base_cfg)
     vcfg = VLLMConfig(model=str(run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=512)
     with VLLMServer(vcfg, log_path=tmp / "vllm.log") as vllm:
         app = create_app(cfg, vllm.base_url, load_screener(cfg.moderation), keys, upstream_key=vcfg.api_key)
         strict_app = create_app(strict, vllm.base_url, load_screener(strict.moderation), keys,
-                                AuditLog(strict.audit_log, strict.audit_content), upstream_key=vcfg.api_key)
+                                AuditLog(keys, strict.audit_content), upstream_key=vcfg.api_key)
         with GatewayThread(app) as gw, GatewayThread(strict_app) as strict_gw:
             yield {"gw": gw, "strict": strict_gw, "vllm": vllm, "key": key, "limited": limited,
-                   "unverified": unverified, "tmp": tmp}
+                   "unverified": unverified, "tmp": tmp, "store": keys}
 
 
 def client(gw, key) -> OpenAI:
@@ -82,11 +82,11 @@ def test_blocked_prompt_is_a_400_content_filter_error(stack):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="mara", prompt=BLOCKED_REQUEST, max_tokens=8)
     assert e.value.code == "content_filter"
-    audit = [json.loads(line) for line in (stack["tmp"] / "audit.jsonl").read_text().splitlines()]
+    audit = stack["store"].audit_rows()
     blocked = [a for a in audit if not a["allowed"]]
     assert blocked and all(a["key_id"] and len(a["sha256"]) == 64 and "content" not in a for a in audit)
     assert "minor_sexual" in blocked[0]["categories"]
-    assert BLOCKED_REQUEST not in (stack["tmp"] / "audit.jsonl").read_text()
+    assert not [f for f in stack["tmp"].glob("llmtune.db*") if BLOCKED_REQUEST.encode() in f.read_bytes()]
 
 
 def test_blocked_output_mid_stream_never_reaches_the_client(stack):

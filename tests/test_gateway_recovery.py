@@ -14,8 +14,9 @@ from llmtune.export.merge import merge
 from llmtune.moderation import load_screener
 from llmtune.serve.config import ServeConfig
 from llmtune.serve.gateway import create_app
-from llmtune.serve.keys import AgeVerification, KeyStore
+from llmtune.serve.keys import AgeVerification
 from llmtune.serve.run import GatewayThread
+from llmtune.serve.store import open_store
 from llmtune.serve.vllm_server import VLLMConfig, VLLMServer, VLLMSupervisor
 
 
@@ -23,8 +24,8 @@ def test_vllm_killed_mid_stream_then_restarted(memorised_run, tmp_path):
     run_dir = memorised_run.run_dir
     if not (run_dir / "merged").exists():
         merge(memorised_run)
-    cfg = ServeConfig(keys_file=str(tmp_path / "keys.json"), audit_log=str(tmp_path / "audit.jsonl"), screen_window_chars=4)
-    keys = KeyStore(cfg.keys_file)
+    cfg = ServeConfig(store=str(tmp_path / "llmtune.db"), screen_window_chars=4)
+    keys = open_store(cfg.store)
     key, _ = keys.add("adult", AgeVerification("id-document", "test", "2026-11-25"))
     server = VLLMServer(VLLMConfig(model=str(run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=512),
                         log_path=tmp_path / "vllm.log")

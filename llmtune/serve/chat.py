@@ -155,13 +155,14 @@ def _chat_with_run(run_dir: Path, persona, greeting, model, write, sampling, mes
     from llmtune.moderation import load_screener
     from llmtune.serve.config import ServeConfig
     from llmtune.serve.gateway import create_app
-    from llmtune.serve.keys import AgeVerification, KeyStore
+    from llmtune.serve.keys import AgeVerification
     from llmtune.serve.run import GatewayThread, ServeRequest, vllm_config_for
+    from llmtune.serve.store import open_store
     from llmtune.serve.vllm_server import VLLMServer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = ServeConfig(keys_file=f"{tmp}/keys.json", audit_log=f"{tmp}/audit.jsonl")
-        keys = KeyStore(cfg.keys_file)
+        cfg = ServeConfig(store=f"{tmp}/session.db")
+        keys = open_store(cfg.store)
         key, _ = keys.add("terminal", AgeVerification("operator-at-terminal", "local operator", "session"))
         vcfg = vllm_config_for(ServeRequest(run_dir, cfg))
         console.print(f"[dim]starting vLLM and the gateway for {run_dir} ...[/]")

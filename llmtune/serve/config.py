@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmtune.errors import LlmtuneError
 from llmtune.moderation.policy import ModerationConfig
@@ -17,7 +17,7 @@ class ServeConfigError(LlmtuneError):
 
 class RateLimit(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    requests_per_minute: int = Field(60, gt=0, description="Requests a key may start per minute (token bucket).")
+    requests_per_minute: int = Field(60, gt=0, description="Requests a key may start per minute, over time.")
     burst: int = Field(10, gt=0, description="Requests a key may make at once before the per-minute rate applies.")
 
 
@@ -26,11 +26,18 @@ class ServeConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="Gateway bind address; 0.0.0.0 to expose it. vLLM always binds loopback.")
     port: int = Field(8000, gt=0, lt=65536, description="Gateway port (the one chat apps use).")
-    keys_file: str = Field("serve/keys.json", description="Hashed API keys with their age-verification records.")
-    audit_log: str = Field("serve/audit.jsonl", description="One JSON line per moderation decision.")
-    audit_content: bool = Field(False, description="Also write the screened text into the audit log (off: a hash only).")
+    store: str = Field(
+        "serve/llmtune.db", description="Keys and audit: a SQLite file (no setup), or a database URL such as "
+        "postgresql://llmtune:PASSWORD@db/llmtune for several replicas. $LLMTUNE_STORE overrides it.")
+    audit_content: bool = Field(False, description="Also store the screened text in the audit table (off: a hash only).")
+    audit_retention_days: int = Field(
+        90, gt=0, description="Audit rows older than this are deleted by `llmtune audit purge` (run it daily).")
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="Default per-key rate limit.")
-    key_rate_limits: dict[str, RateLimit] = Field(default_factory=dict, description="Per-key-name overrides.")
+    key_rate_limits: dict[str, RateLimit] = Field(
+        default_factory=dict, description="Per-key-name overrides (a key's own limit, `llmtune keys limit`, comes first).")
+    rate_limit_storage: str = Field(
+        "memory://", description="Where rate-limit counts live: memory:// (this process) or redis://HOST:6379/0 "
+        "(shared, so a key's limit holds across all replicas). $LLMTUNE_RATE_LIMIT_STORAGE overrides it.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body accepted (413 beyond).")
     max_header_bytes: int = Field(16_384, gt=0, description="Largest request header block accepted.")
     max_tokens_limit: int = Field(2048, gt=0, description="Largest max_tokens a request may ask for.")
@@ -70,8 +77,23 @@ class ServeConfig(BaseModel):
     shutdown_grace_s: float = Field(
         10, ge=0, le=600, description="On SIGTERM, SIGINT or SIGHUP: how long in-flight streams may finish before the gateway and vLLM stop."
     )
+    upstream_api_key: str | None = Field(
+        None, description="The key of a vLLM server the gateway did not start (`llmtune serve --upstream`); $LLMTUNE_UPSTREAM_KEY works too."
+    )
     upstream_timeout_s: float = Field(300, gt=0, description="Longest wait for vLLM on one request.")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data):
+        if isinstance(data, dict):
+            if "keys_file" in data:
+                raise ValueError(f"`keys_file` was replaced by `store` (a SQLite file or a database URL); import the "
+                                 f"old file once with `llmtune keys import {data['keys_file']}` and remove the key")
+            if "audit_log" in data:
+                raise ValueError("`audit_log` was replaced by the audit table in `store`; remove the key "
+                                 "(the old JSONL file stays as it is)")
+        return data
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:

@@ -3,8 +3,9 @@
 `Gateway(cfg, upstream, screener, keys, audit).app` is the FastAPI app (`create_app(...)` builds
 one). Per request, one method per concern, in order:
 
-1. `authorize`: API key (401 unknown or revoked, read fresh from the key store on every
-   request; 403 without an age-verification record), then the rate limit (429).
+1. `authorize`: API key (401 unknown or revoked, looked up in the store on every request, so a
+   revocation holds on every replica from the next request on; 403 without an age-verification
+   record), then the rate limit (429, counted in the shared `limits` storage).
 2. `parse`: size limits (413), JSON (400), then `validate_request`: only the roles the API
    defines, only text content, bounded `logit_bias` and stop strings, no parameter that would
    put unscreened text in front of the model or the client; the text to screen is collected
@@ -20,22 +21,20 @@ one). Per request, one method per concern, in order:
    block ends the reply with `withheld_text` (visible to chat apps that ignore
    `finish_reason`) and finish_reason `content_filter`.
 
-Every decision goes to the audit log: key id, time, categories, content hash. docs/serving.md
-lists what the gateway refuses and why.
+Every decision goes to the audit table (llmtune/serve/store.py): key id, time, categories, content
+hash, committed before what it decided is sent. docs/serving.md lists what the gateway refuses
+and why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
-import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -44,8 +43,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmtune.moderation.conversation import ConversationState
-from llmtune.serve.config import RateLimit, ServeConfig
-from llmtune.serve.keys import KeyRecord, KeyStore
+from llmtune.serve.config import ServeConfig
+from llmtune.serve.keys import KeyRecord
+from llmtune.serve.ratelimit import KeyRateLimiter, RateLimiterUnavailable
+from llmtune.serve.store import AuditLog, Store, StoreUnavailable
 
 # Sampling parameters chat apps send (SillyTavern included) that vLLM understands; anything else
 # a client sends is not forwarded (it cannot reach the model), and docs/serving.md says so.
@@ -115,44 +116,6 @@ def error_body(message: str, code: str, type_: str = "invalid_request_error", pa
 
 def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, code, param=param), status_code=status)
-
-
-class TokenBucket:
-    def __init__(self, limit: RateLimit):
-        self.rate = limit.requests_per_minute / 60.0
-        self.capacity = float(limit.burst)
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-class AuditLog:
-    """One JSON line per moderation decision. Content only when the operator opts in."""
-
-    def __init__(self, path: str | Path, with_content: bool):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.with_content = with_content
-        self.lock = threading.Lock()
-
-    def write(self, key: KeyRecord | None, route: str, stage: str, text: str, decision) -> None:
-        record = {
-            "time": time.time(), "key_id": key.id if key else None, "route": route, "stage": stage,
-            "allowed": decision.allowed, "categories": decision.categories, "layer": decision.layer,
-            "sha256": hashlib.sha256(text.encode("utf-8", "replace")).hexdigest(),
-        }
-        if self.with_content:
-            record["content"] = text
-        with self.lock, self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -336,33 +299,41 @@ def _sse(obj: dict | str) -> str:
 class Gateway:
     """The app and its state: the upstream client, the screening pool, rate-limit buckets, metrics."""
 
-    def __init__(self, cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit: AuditLog | None = None,
-                 upstream_key: str | None = None, tokenizer=None):
+    def __init__(self, cfg: ServeConfig, upstream: str, screener, keys: Store, audit: AuditLog | None = None,
+                 upstream_key: str | None = None, tokenizer=None, limiter: KeyRateLimiter | None = None):
         self.cfg, self.upstream, self.screener, self.keys = cfg, upstream, screener, keys
-        self.audit = audit or AuditLog(cfg.audit_log, cfg.audit_content)
+        self.audit = audit or AuditLog(keys, cfg.audit_content)
+        self.limiter = limiter or KeyRateLimiter(cfg.rate_limit_storage, cfg.rate_limit, cfg.key_rate_limits)
         self.upstream_key = upstream_key
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer` of the served model, for the context check
         self.metrics = Metrics.create()
-        self.buckets: dict[str, TokenBucket] = {}
         self.pool = ThreadPoolExecutor(max_workers=cfg.screen_workers, thread_name_prefix="screen")
+        # key lookups and rate-limit hits are network calls (database, Redis): threads, off the event loop
+        self.state_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="state")
         self.client: httpx.AsyncClient | None = None
         self.app = self._build()
 
     # -- 1. who may ask --------------------------------------------------------------------
 
-    def authorize(self, request: Request) -> tuple[KeyRecord | None, JSONResponse | None]:
+    def check_key(self, key: str) -> tuple[KeyRecord | None, int]:
+        """The key's record and the status it earns: 200, 401 unknown or revoked, 403 unverified, 429 over its limit."""
+        record = self.keys.lookup(key) if key else None  # no cache: a revocation holds from the next request on
+        if record is None:
+            return None, 401
+        if record.age_verification is None:
+            return record, 403
+        return record, 200 if self.limiter.allow(record) else 429
+
+    async def authorize(self, request: Request) -> tuple[KeyRecord | None, JSONResponse | None]:
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        record = self.keys.lookup(key) if key else None
-        if record is None:
+        record, status = await asyncio.get_running_loop().run_in_executor(self.state_pool, self.check_key, key)
+        if status == 401:
             return None, error(401, "missing or invalid API key (Authorization: Bearer KEY)", "invalid_api_key")
-        if record.age_verification is None:
+        if status == 403:
             return None, error(403, "this key has no age-verification record; this service is for verified adults only",
                                "age_verification_required")
-        bucket = self.buckets.get(record.id)
-        if bucket is None:
-            bucket = self.buckets[record.id] = TokenBucket(self.cfg.key_rate_limits.get(record.name, self.cfg.rate_limit))
-        if not bucket.take():
+        if status == 429:
             return None, error(429, "rate limit exceeded for this key; retry later", "rate_limit_exceeded")
         return record, None
 
@@ -427,7 +398,7 @@ class Gateway:
         for choice in data.get("choices", []):
             text = _text_of(choice, chat)
             decision, released = await self.run_screen(self.reply_screen(state).screen, text)
-            self.audit.write(key, route, "output", text, decision)
+            await self.audit.write(key, route, "output", text, decision)
             if not decision.allowed:
                 self.record_block("output", decision)
                 shown = text[:released] + self.cfg.withheld_text
@@ -511,7 +482,7 @@ class Gateway:
                 out = await release(final=True)  # the end: whatever is left, screened whole
                 if out and decision.allowed:
                     yield _sse(chunk(out, None))
-            self.audit.write(key, route, "output", reply, decision)
+            await self.audit.write(key, route, "output", reply, decision)
             if not decision.allowed:
                 self.record_block("output", decision)
                 yield _sse(chunk(self.cfg.withheld_text or None, "content_filter"))
@@ -529,7 +500,7 @@ class Gateway:
 
     async def completion(self, request: Request, chat: bool):
         route = "/v1/chat/completions" if chat else "/v1/completions"
-        key, denied = self.authorize(request)
+        key, denied = await self.authorize(request)
         if denied:
             return denied
         try:
@@ -541,7 +512,7 @@ class Gateway:
         except TimeoutError as exc:
             return error(503, f"{exc}; the request was not served", "screening_timeout")
         decision = state.decision()
-        self.audit.write(key, route, "input", json.dumps(messages, ensure_ascii=False), decision)
+        await self.audit.write(key, route, "input", json.dumps(messages, ensure_ascii=False), decision)
         if not decision.allowed:
             self.record_block("input", decision)
             return error(400, f"the request was blocked by the content policy ({', '.join(decision.categories)})",
@@ -572,6 +543,7 @@ class Gateway:
             yield
             await self.client.aclose()
             self.pool.shutdown(wait=False)
+            self.state_pool.shutdown(wait=False)
             if metrics_server is not None:
                 metrics_server.shutdown()
 
@@ -581,6 +553,11 @@ class Gateway:
         @app.exception_handler(StarletteHTTPException)
         async def http_errors(request: Request, exc: StarletteHTTPException):
             return error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "invalid_request")
+
+        @app.exception_handler(StoreUnavailable)
+        @app.exception_handler(RateLimiterUnavailable)
+        async def state_unavailable(request: Request, exc: Exception):
+            return error(503, f"{exc}; retry later", "service_unavailable")
 
         @app.exception_handler(Exception)
         async def unexpected(request: Request, exc: Exception):
@@ -615,7 +592,7 @@ class Gateway:
         if cfg.metrics_on_gateway:
             @app.get("/metrics")
             async def prometheus(request: Request):
-                _, denied = self.authorize(request)
+                _, denied = await self.authorize(request)
                 if denied:
                     return denied
                 return PlainTextResponse(generate_latest(self.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
@@ -623,7 +600,7 @@ class Gateway:
         @app.get("/v1/models")
         @app.get("/models")  # SillyTavern's Custom source uses the URL as typed: without /v1 too
         async def models(request: Request):
-            _, denied = self.authorize(request)
+            _, denied = await self.authorize(request)
             if denied:
                 return denied
             try:
@@ -642,7 +619,7 @@ class Gateway:
             # SillyTavern's Text Completion counts tokens on the backend ("Best match" tokenizer):
             # one call per piece of the prompt. Nothing is generated, so nothing is screened; the
             # reply is the count only.
-            _, denied = self.authorize(request)
+            _, denied = await self.authorize(request)
             if denied:
                 return denied
             raw = await request.body()
@@ -681,6 +658,6 @@ class Gateway:
         return app
 
 
-def create_app(cfg: ServeConfig, upstream: str, screener, keys: KeyStore, audit: AuditLog | None = None,
-               upstream_key: str | None = None, tokenizer=None) -> FastAPI:
-    return Gateway(cfg, upstream, screener, keys, audit, upstream_key, tokenizer).app
+def create_app(cfg: ServeConfig, upstream: str, screener, keys: Store, audit: AuditLog | None = None,
+               upstream_key: str | None = None, tokenizer=None, limiter: KeyRateLimiter | None = None) -> FastAPI:
+    return Gateway(cfg, upstream, screener, keys, audit, upstream_key, tokenizer, limiter).app

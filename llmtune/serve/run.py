@@ -2,10 +2,14 @@
 
 Entry point: `serve(ServeRequest)`. A run directory serves its merged model when there is one,
 else its base with the adapter; a model directory serves as is; `--adapter name=path` adds
-LoRA adapters by model name. Ctrl-C stops the gateway and vLLM cleanly.
+LoRA adapters by model name. Ctrl-C stops the gateway and vLLM cleanly. `serve_gateway(cfg,
+upstream)` runs the gateway alone in front of a vLLM that runs elsewhere (another container).
 """
 
 from __future__ import annotations
+
+import contextlib
+import signal
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +67,21 @@ def _adapter_rank(path: str) -> int:
     return next(x for x in (8, 16, 32, 64, 128, 256, 320, 512) if x >= r)
 
 
+def open_gateway_state(cfg: ServeConfig):
+    """The store (schema migrated) and the rate limiter the gateway uses, with what they are printed."""
+    from llmtune.serve.ratelimit import KeyRateLimiter
+    from llmtune.serve.store import open_store
+
+    store = open_store(cfg.store)
+    limiter = KeyRateLimiter(cfg.rate_limit_storage, cfg.rate_limit, cfg.key_rate_limits)
+    shared = "shared by every replica" if not cfg.rate_limit_storage.startswith("memory") else "this process only"
+    console.print(f"  keys and audit: {store.display}; rate limits: {limiter.display} ({shared})")
+    if not any(k.age_verification and not k.revoked for k in store.records):
+        console.print(f"[yellow]warning[/]: no age-verified key in {store.display}; every request will be refused. "
+                      "Add one: llmtune keys add NAME --age-verified-by METHOD")
+    return store, limiter
+
+
 def served_tokenizer(model: str):
     """The served model's fast tokenizer (tokenizer.json), for the gateway's context check; None if it has none."""
     from tokenizers import Tokenizer
@@ -75,31 +94,13 @@ class _Stop(Exception):
     """Raised by the signal handler while vLLM is still starting: unwind and stop it."""
 
 
-def serve(req: ServeRequest) -> None:
-    import contextlib
-    import signal
-
-    import uvicorn
-
-    from llmtune.moderation import load_screener
-    from llmtune.serve.gateway import Gateway
-    from llmtune.serve.keys import KeyStore
-
-    cfg = req.config
-    keys = KeyStore(cfg.keys_file)
-    if not any(k.age_verification and not k.revoked for k in keys.records):
-        console.print(f"[yellow]warning[/]: no age-verified key in {cfg.keys_file}; every request will be refused. "
-                      "Add one: llmtune keys add NAME --age-verified-by METHOD")
-    screener = load_screener(cfg.moderation)
-    vcfg = vllm_config_for(req)
-    cfg.max_context_tokens = vcfg.max_model_len
-    server_box: dict = {}
-
+@contextlib.contextmanager
+def _stop_on_signals(box: dict):
+    """SIGTERM (systemd, docker stop), SIGINT (Ctrl-C), SIGHUP (closed terminal): stop taking
+    requests, let in-flight streams finish within shutdown_grace_s, then unwind (stopping vLLM)."""
     def stop(signum, _frame):
-        # SIGTERM (systemd, docker stop), SIGINT (Ctrl-C), SIGHUP (closed terminal): stop taking
-        # requests, let in-flight streams finish within shutdown_grace_s, stop vLLM, exit.
         console.print(f"[bold]serve[/]: {signal.Signals(signum).name}: shutting down")
-        uv = server_box.get("server")
+        uv = box.get("server")
         if uv is None:
             raise _Stop()
         if uv.should_exit:
@@ -108,30 +109,67 @@ def serve(req: ServeRequest) -> None:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
+        yield
+    except _Stop:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_gateway(cfg: ServeConfig, upstream: str, store, limiter, screener, box: dict, upstream_key: str | None = None,
+                 tokenizer=None) -> None:
+    import uvicorn
+
+    from llmtune.serve.gateway import Gateway
+
+    gateway = Gateway(cfg, upstream, screener, store, upstream_key=upstream_key, tokenizer=tokenizer, limiter=limiter)
+    config = uvicorn.Config(gateway.app, host=cfg.host, port=cfg.port, log_level="warning",
+                            h11_max_incomplete_event_size=cfg.max_header_bytes, timeout_graceful_shutdown=cfg.shutdown_grace_s)
+    uv = uvicorn.Server(config)
+    # Ours stay in place: uvicorn's would ignore SIGHUP, and after a graceful stop it re-raises
+    # SIGTERM with the default handler, which kills this process before it stops vLLM (that was
+    # how `kill` left an orphaned vLLM holding its memory and port).
+    uv.capture_signals = contextlib.nullcontext
+    box["server"] = uv
+    uv.run()
+
+
+def serve(req: ServeRequest) -> None:
+    from llmtune.moderation import load_screener
+
+    cfg = req.config
+    box: dict = {}
+    with _stop_on_signals(box):
+        store, limiter = open_gateway_state(cfg)
+        screener = load_screener(cfg.moderation)
+        vcfg = vllm_config_for(req)
+        cfg.max_context_tokens = vcfg.max_model_len
         console.print(f"[bold]serve[/]: starting vLLM on loopback ({vcfg.model}) ...")
         server = VLLMServer(vcfg)
         with VLLMSupervisor(server):  # restarts vLLM if it dies; /health is 503 until it is back
             served = [vcfg.served_name, *vcfg.adapters]
             console.print(f"  vLLM ready at {server.base_url} (loopback only, answers only the gateway's key); "
                           f"models: {', '.join(served)}")
-            gateway = Gateway(cfg, server.base_url, screener, keys, upstream_key=vcfg.api_key,
-                              tokenizer=served_tokenizer(vcfg.model))
             console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 (Ctrl-C or SIGTERM stops both)")
-            config = uvicorn.Config(gateway.app, host=cfg.host, port=cfg.port, log_level="warning",
-                                    h11_max_incomplete_event_size=cfg.max_header_bytes,
-                                    timeout_graceful_shutdown=cfg.shutdown_grace_s)
-            uv = uvicorn.Server(config)
-            # Ours stay in place: uvicorn's would ignore SIGHUP, and after a graceful stop it re-raises
-            # SIGTERM with the default handler, which kills this process before it stops vLLM (that
-            # was how `kill` left an orphaned vLLM holding its memory and port).
-            uv.capture_signals = contextlib.nullcontext
-            server_box["server"] = uv
-            uv.run()
-    except _Stop:
-        pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            _run_gateway(cfg, server.base_url, store, limiter, screener, box, vcfg.api_key, served_tokenizer(vcfg.model))
+    console.print("stopped")
+
+
+def serve_gateway(cfg: ServeConfig, upstream: str) -> None:
+    """The gateway alone, in front of a vLLM server at `upstream` that something else runs (its
+    key, if it has one, from `upstream_api_key` or $LLMTUNE_UPSTREAM_KEY)."""
+    import os
+
+    from llmtune.moderation import load_screener
+
+    box: dict = {}
+    with _stop_on_signals(box):
+        store, limiter = open_gateway_state(cfg)
+        screener = load_screener(cfg.moderation)
+        console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 in front of {upstream} (Ctrl-C stops it)")
+        _run_gateway(cfg, upstream.rstrip("/"), store, limiter, screener, box,
+                     cfg.upstream_api_key or os.environ.get("LLMTUNE_UPSTREAM_KEY"))
     console.print("stopped")
 
 

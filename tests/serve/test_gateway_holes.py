@@ -15,7 +15,8 @@ import pytest
 from llmtune.moderation import load_screener
 from llmtune.serve.config import ServeConfig
 from llmtune.serve.gateway import Gateway
-from llmtune.serve.keys import AgeVerification, KeyStore
+from llmtune.serve.keys import AgeVerification
+from llmtune.serve.store import open_store
 from llmtune.serve.run import GatewayThread, served_tokenizer
 from tests.conftest import REPO
 
@@ -27,14 +28,14 @@ WITHHELD = "[reply withheld by the content policy]"
 @pytest.fixture(scope="module")
 def gw(served, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("holes")
-    keys = KeyStore(tmp / "keys.json")
+    keys = open_store(str(tmp / "llmtune.db"))
     key, _ = keys.add("adult", AgeVerification("id-document", "test operator", "2026-12-01"))
-    cfg = ServeConfig(keys_file=str(tmp / "keys.json"), audit_log=str(tmp / "audit.jsonl"), max_context_tokens=512,
+    cfg = ServeConfig(store=str(tmp / "llmtune.db"), max_context_tokens=512,
                       screen_window_chars=16, rate_limit={"requests_per_minute": 100_000, "burst": 1000})
     gateway = Gateway(cfg, served.base_url, load_screener(), keys, upstream_key=served.cfg.api_key,
                       tokenizer=served_tokenizer(served.cfg.model))
     with GatewayThread(gateway.app) as thread:
-        yield {"url": thread.base_url, "key": key, "tmp": tmp, "keys_file": tmp / "keys.json", "vllm": served}
+        yield {"url": thread.base_url, "key": key, "tmp": tmp, "store": str(tmp / "llmtune.db"), "vllm": served}
 
 
 def post(gw, body, path="/v1/chat/completions", key=None, **kw):
@@ -99,10 +100,10 @@ def test_3_the_reply_is_screened_with_its_conversation_plain_and_streamed_alike(
 
 
 def test_4_a_revoked_key_gets_401_on_its_next_request(gw):
-    keys = KeyStore(gw["keys_file"])
+    keys = open_store(gw["store"])
     key, _ = keys.add("soon-revoked", AgeVerification("id-document", "op", "2026-12-01"))
     assert httpx.get(f"{gw['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-    r = subprocess.run([sys.executable, "-m", "llmtune.cli", "keys", "revoke", "soon-revoked", "--keys-file", str(gw["keys_file"])],
+    r = subprocess.run([sys.executable, "-m", "llmtune.cli", "keys", "revoke", "soon-revoked", "--store", gw["store"]],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert httpx.get(f"{gw['url']}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
@@ -170,9 +171,9 @@ def test_8_docs_and_metrics_are_not_open(gw):
 def test_8_metrics_on_their_own_loopback_port(served, tmp_path):
     from llmtune.serve.vllm_server import free_port
 
-    keys = KeyStore(tmp_path / "keys.json")
+    keys = open_store(str(tmp_path / "llmtune.db"))
     port = free_port()
-    cfg = ServeConfig(keys_file=str(tmp_path / "keys.json"), audit_log=str(tmp_path / "a.jsonl"), metrics_port=port)
+    cfg = ServeConfig(store=str(tmp_path / "llmtune.db"), metrics_port=port)
     with GatewayThread(Gateway(cfg, served.base_url, load_screener(), keys, upstream_key=served.cfg.api_key).app):
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     assert "llmtune_gateway_blocks_total" in text

@@ -15,18 +15,18 @@ import httpx
 import psutil
 import yaml
 
-from llmtune.serve.keys import AgeVerification, KeyStore
+from llmtune.serve.keys import AgeVerification
+from llmtune.serve.store import open_store
 from llmtune.serve.vllm_server import free_port
 from tests.conftest import REPO
 
 
 def test_sigterm_finishes_streams_stops_vllm_and_exits(reply_run, tmp_path):
-    keys = KeyStore(tmp_path / "keys.json")
+    keys = open_store(str(tmp_path / "llmtune.db"))
     key, _ = keys.add("adult", AgeVerification("id-document", "op", "2026-12-01"))
     port = free_port()
     config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump({"port": port, "keys_file": str(tmp_path / "keys.json"),
-                                      "audit_log": str(tmp_path / "audit.jsonl"), "shutdown_grace_s": 30}))
+    config.write_text(yaml.safe_dump({"port": port, "store": str(tmp_path / "llmtune.db"), "shutdown_grace_s": 30}))
     proc = subprocess.Popen([sys.executable, "-m", "llmtune.cli", "serve", str(reply_run.run_dir), "--config", str(config),
                              "--max-model-len", "512"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

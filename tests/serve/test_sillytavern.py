@@ -13,7 +13,8 @@ import pytest
 from llmtune.moderation import load_screener
 from llmtune.serve.config import ServeConfig
 from llmtune.serve.gateway import Gateway
-from llmtune.serve.keys import AgeVerification, KeyStore
+from llmtune.serve.keys import AgeVerification
+from llmtune.serve.store import open_store
 from llmtune.serve.run import GatewayThread, served_tokenizer
 from tests.conftest import REPO
 
@@ -29,9 +30,9 @@ def fixture(name: str) -> dict:
 @pytest.fixture(scope="module")
 def st(served, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sillytavern")
-    keys = KeyStore(tmp / "keys.json")
+    keys = open_store(str(tmp / "llmtune.db"))
     key, _ = keys.add("st-user", AgeVerification("id-document", "test operator", "2026-12-01"))
-    cfg = ServeConfig(keys_file=str(tmp / "keys.json"), audit_log=str(tmp / "audit.jsonl"), max_context_tokens=2048,
+    cfg = ServeConfig(store=str(tmp / "llmtune.db"), max_context_tokens=2048,
                       rate_limit={"requests_per_minute": 100_000, "burst": 1000})
     gateway = Gateway(cfg, served.base_url, load_screener(), keys, upstream_key=served.cfg.api_key,
                       tokenizer=served_tokenizer(served.cfg.model))
