@@ -96,7 +96,9 @@ def test_blocked_output_mid_stream_never_reaches_the_client(stack):
     assert "Kestrel" not in received and "Kest" not in received
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     whole = c.chat.completions.create(model="mara", messages=CHAT, max_tokens=24, temperature=0)
-    assert whole.choices[0].finish_reason == "content_filter" and whole.choices[0].message.content == ""
+    assert whole.choices[0].finish_reason == "content_filter"
+    # the plain reply holds what the stream delivered: the same released text, then the visible withheld text
+    assert whole.choices[0].message.content == received and received.endswith("[reply withheld by the content policy]")
 
 
 def test_keys_401_403_and_rate_limit_429(stack):
@@ -144,8 +146,7 @@ def test_parameters_that_bypass_screening_are_refused_and_limits_hold(stack):
 def test_health_and_metrics(stack):
     gw = stack["gw"].base_url
     assert httpx.get(f"{gw}/health").json() == {"status": "ok", "upstream": True}
-    metrics = httpx.get(f"{gw}/metrics").text
-    assert "llmtune_gateway_requests_total" in metrics and "llmtune_gateway_blocks_total" in metrics
+    assert httpx.get(f"{gw}/metrics").status_code == 404  # off the gateway port unless asked (tests/serve)
 
 
 def test_terminal_chat_streams_saves_and_resets_through_the_gateway(stack, tmp_path):
