@@ -28,6 +28,8 @@ from llmtune.moderation import rules as R
 from llmtune.moderation.normalize import native, views
 
 ADULT_AGE = R.ADULT_AGE
+# A text this short (in words; CJK text counts as one) is one window for another language's cues.
+LEXICON_WINDOW_WORDS = 40
 
 
 @dataclass(frozen=True)
@@ -378,8 +380,9 @@ def _lexicon_facts(text: str, where: str) -> TextFacts:
         return facts
     view = R._blank(view, R._EXEMPT)  # "no age-play", "no minors", "sex education" in any language's text
     words = set(_TOKEN.findall(view))
+    with_hits = {li for li, _ in hits}
     for li, lang in enumerate(idx.langs):
-        if not any(k[0] == li for k in hits) or not _shows_language(lang.code, words, view):
+        if li not in with_hits or not _shows_language(lang.code, words, view):
             continue
         p = lang.patterns
 
@@ -405,7 +408,8 @@ def _lexicon_facts(text: str, where: str) -> TextFacts:
                     continue  # "elle a 15 ans" and "a 15 ans": one age
                 if 0 < value < ADULT_AGE:
                     dependent = bool(R._DEPENDENT_BEFORE.search(blanked[max(0, m.start() - 60): m.start()]))
-                    facts.minor.append(Evidence("minor", f"stated age under 18 ({lang.code})", m.group(0), where,
+                    detail = "a dependant or a child elsewhere" if dependent else "stated age under 18"
+                    facts.minor.append(Evidence("minor", f"{detail} ({lang.code})", m.group(0), where,
                                                 "local" if dependent else "conversation", value=value))
                 elif value >= ADULT_AGE:
                     facts.adult.append(Evidence("adult", f"adult age ({lang.code})", m.group(0), where, value=value))
@@ -495,5 +499,10 @@ def extract_facts(text: str, where: str, role: str, rules: R.RuleSet | None = No
     # what the English rules already read (with their view of dependants and backstories) stands
     seen = [e.text.lower() for e in facts.minor]
     more.minor = [e for e in more.minor if not any(e.text.lower().strip(" ()") in t for t in seen)]
+    # The English rules judge "near" for English words; for another language's child or teen word
+    # (중학생, Schülerin) and a sexual term in one short text, the text is the window.
+    if more.minor and (more.sexual or facts.sexual) and len(text.split()) <= LEXICON_WINDOW_WORDS:
+        more.minor = [Evidence(e.fact, e.detail, e.text, e.where, "conversation", e.subject, e.value)
+                      if e.scope == "local" and e.detail.startswith("child or teen word") else e for e in more.minor]
     facts.extend(more)
     return facts

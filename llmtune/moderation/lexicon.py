@@ -98,7 +98,9 @@ def load_language(path: Path) -> Language:
         if not isinstance(entries, list):
             raise ModerationError(f"{where}: `{key}` must be a list of regular expressions")
         rx = ordinals_rx if key == "school_patterns" else numbers_rx
-        cleaned = [unicodedata.normalize("NFKC", str(e)).lower() if not re.search(r"\\[A-Z]", str(e)) else str(e) for e in entries]
+        # NFKC only: matching is case-insensitive, and lower-casing an expression would break its
+        # syntax ("(?P<n>" -> "(?p<n>", "\S" -> "\s"); the prefilter's literals are lower-cased on their own
+        cleaned = [unicodedata.normalize("NFKC", str(e)) for e in entries]
         lang.patterns[key] = []
         for i, e in enumerate(cleaned):
             source = _expand(e, rx)
