@@ -204,3 +204,12 @@ def test_judge_three_pairs_by_keyboard_resume_results_export(two_runs, tmp_path)
     both_bad = next((left, right) for keys, left, right in seen.values() if keys == "x")
     assert sorted(row["completion"][0]["content"] for row in kto) == sorted(both_bad)
 
+    # Reopening with the same settings resumes without generating; other settings would make other replies.
+    from llmtune.review.generate import open_review
+    from llmtune.review.store import ReviewError
+
+    again = open_review(run_a, str(run_b), ["review.max_new_tokens=24"])
+    assert again.resumed and again.store.progress()["judged"] == 3
+    with pytest.raises(ReviewError, match="--fresh"):
+        open_review(run_a, str(run_b), ["review.max_new_tokens=25"])
+
