@@ -24,7 +24,7 @@ def main() -> None:
     server = ReviewServer(*args.runs)
     driver = None
     try:
-        url = server.url()
+        url = server.url(timeout=3600)  # a real model generates every reply first
         driver = chrome(Path(tempfile.mkdtemp()))
         driver.get(url)
         wait_for(driver, lambda d: body(d, "ready") == "1")
