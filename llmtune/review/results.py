@@ -58,7 +58,7 @@ class ReviewResults:
         else:
             head = (f"{self.label_a} preferred over {self.label_b} in {self.wins_a} of {self.decisive} decisive judgments: "
                     f"win rate {self.win_rate_a:.2f} (95% CI {self.ci_low:.2f}-{self.ci_high:.2f}, Wilson)")
-        return (f"{head}; {self.ties} ties, {self.both_bad} both bad; {self.judged} of {self.to_judge} pairs judged; "
+        return (f"{head}; {self.ties} tie{'' if self.ties == 1 else 's'}, {self.both_bad} both bad; {self.judged} of {self.to_judge} pairs judged; "
                 f"{self.withheld} withheld by the moderation screen")
 
     def to_json(self) -> dict:
