@@ -9,9 +9,20 @@ DEVICE ?= cpu
 # Servers the tests start on loopback (PostgreSQL, Redis); Debian packages, installed once.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install services demo test clean-runs
+.PHONY: install services browser demo test clean-runs
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# The review page's browser test drives Debian's headless Chromium through chromedriver.
+# Checked on every install (a no-op once both are there); apt-get needs root or sudo.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: install Chromium and chromedriver for tests/test_review_browser.py (no apt-get here)"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

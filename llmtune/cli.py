@@ -196,6 +196,57 @@ def _store(store: str | None, config: Path | None):
     from llmtune.serve.store import open_store
 
     return open_store(store or _serve_config(config).store)
+@app.command(
+    epilog="Examples: `llmtune review runs/demo-cpu base` (judge, on http://127.0.0.1:8765/), "
+    "`llmtune review runs/a runs/b review.max_conversations=40`, `llmtune review export runs/demo-cpu`",
+)
+def review(
+    args: list[str] = typer.Argument(..., help="RUN_A [RUN_B | base] [section.key=value ...], or: export RUN_A [RUN_B | base]."),
+    port: int = typer.Option(8765, help="Port on 127.0.0.1 (0: any free port). The page never listens beyond loopback."),
+    fresh: bool = typer.Option(False, "--fresh", help="Generate new replies even if a review exists (the old file is kept)."),
+    out: Path = typer.Option(None, "--out", help="export: folder for preferences.jsonl and kto.jsonl (default: the review's)."),
+) -> None:
+    """Judge two models blind, side by side (RUN_A against RUN_B or its base), in a local web page.
+
+    Replies are generated first (batched, seeded, screened by the moderation screen), then
+    served on loopback; verdicts are saved in SQLite as you make them, so reopening resumes.
+    `llmtune review export RUN_A [RUN_B|base]` writes the verdicts as TRL preference pairs and
+    "both bad" as KTO rows.
+    """
+    if args[0] == "export":
+        if len(args) not in (2, 3):
+            _exit_with("usage: llmtune review export RUN_A [RUN_B | base] [--out DIR]")
+        return _review_export(Path(args[1]), args[2] if len(args) == 3 else None, out)
+    positional = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    if len(positional) not in (1, 2) or args[: len(positional)] != positional:
+        _exit_with("usage: llmtune review RUN_A [RUN_B | base] [section.key=value ...]")
+    from llmtune.review.generate import BASE, open_review
+    from llmtune.review.server import serve_review
+
+    def go():
+        r = open_review(Path(positional[0]), positional[1] if len(positional) == 2 else BASE, overrides, fresh)
+        serve_review(r, port)
+
+    _call(go)
+
+
+def _review_export(run_a: Path, opponent: str | None, out: Path | None) -> None:
+    from llmtune.report import write_run_report
+    from llmtune.review.export import export_judgments
+    from llmtune.review.generate import find_review, load_run
+    from llmtune.review.results import write_results
+    from llmtune.review.store import ReviewStore
+
+    def go():
+        path = find_review(run_a, opponent)
+        store = ReviewStore.open(path)
+        result = export_judgments(store, out or path.parent)
+        write_results(store, path.parent)
+        write_run_report(load_run(run_a))
+        print(result.summary(), file=sys.stderr)
+
+    _call(go)
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the gateway (stored hashed, bound to age verification).")

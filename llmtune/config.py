@@ -201,6 +201,20 @@ class EvalConfig(Section):
     red_team: bool = Field(True, description="Screen replies to the shipped red-team prompts with the moderation adapter.")
 
 
+class ReviewConfig(Section):
+    max_conversations: int = Field(
+        24, ge=0, description="Held-back conversations (up to their last user turn) shown with two replies in "
+        "`llmtune review`, besides `eval.prompts`.",
+    )
+    max_new_tokens: int = Field(160, gt=0, description="Token limit of each reply generated for review.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature of review replies (0: greedy).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling of review replies.")
+    batch_size: int = Field(8, gt=0, description="Chats generated at once for review.")
+    seed: int | None = Field(
+        None, description="Seed of the review's sampling, pair order and left/right placement; null uses training.seed."
+    )
+
+
 class MergeConfig(Section):
     nf4_roundtrip: bool | None = Field(
         None,
@@ -242,6 +256,9 @@ class Recipe(Section):
     moderation: ModerationConfig = Field(
         default_factory=ModerationConfig,
         description="The screen on every training row (prepare) and, with llmtune serve, on prompts and outputs.",
+    )
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig, description="`llmtune review`: replies generated for blind side-by-side judging."
     )
     merge: MergeConfig = Field(default_factory=MergeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

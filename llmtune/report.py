@@ -125,6 +125,7 @@ def write_run_report(recipe) -> Path:
                     theirs = base_conv[j]["content"] if msg["role"] == "assistant" and j < len(base_conv) else msg["content"]
                     lines.append(f"| {msg['role']} | {_cell(theirs)} | {_cell(msg['content'])} |")
                 lines.append("")
+    lines += _review_section(run_dir)
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     # The loss curve is redrawn with the base model's eval loss for reference.
@@ -132,6 +133,27 @@ def write_run_report(recipe) -> Path:
         base = e["base"] if e else None
         plot_loss_curve(metrics, run_dir / "loss_curve.png", base["eval_loss"] if base else None)
     return out
+
+
+def _review_section(run_dir: Path) -> list[str]:
+    """Blind side-by-side judgments (`llmtune review`), from each review's results.json."""
+    found = sorted(run_dir.glob("review/vs-*/results.json"))
+    if not found:
+        return []
+    lines = ["## Human review (blind, side by side)", ""]
+    names = {"run_a": None, "run_b": None, "tie": "tie", "both_bad": "both bad", None: "not judged"}
+    for path in found:
+        r = json.loads(path.read_text(encoding="utf-8"))
+        rel = path.parent.relative_to(run_dir).as_posix()
+        names.update(run_a=f"{r['label_a']} better", run_b=f"{r['label_b']} better")
+        lines += [f"### {r['label_a']} vs {r['label_b']}", "", r["summary"] + ".", "",
+                  f"![review results]({rel}/results.png)", "",
+                  "| # | prompt | verdict | note |", "|---|---|---|---|"]
+        for o in r["outcomes"]:
+            verdict = names[o["verdict"]] if o["verdict"] or not o["withheld"] else "withheld by the screen"
+            lines.append(f"| {o['id']} | {_cell(o['prompt'])} | {verdict} | {_cell(o['note'])} |")
+        lines += ["", f"Replies and verdicts: `{rel}/results.json`; training pairs: `llmtune review export {run_dir}`.", ""]
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -30,6 +30,7 @@ from llmtune.console import console
 from llmtune.data.prepare import PreparedData
 from llmtune.data.template import IGNORE_INDEX
 from llmtune.eval import metrics as M
+from llmtune.generation import Generation, Generator, Sampling, held_back_conversations
 from llmtune.models import load_base_model, load_tokenizer, placement_for
 
 SETS = Path(__file__).resolve().parent / "sets"
@@ -109,56 +110,13 @@ def eval_loss(model, dataset, batch_size: int = 8) -> tuple[float, int]:
     return total / max(count, 1), count
 
 
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-
-
-class Generator:
-    """Batched sampling with a fixed seed, stopping at the trained end-of-turn token."""
-
-    def __init__(self, model, tokenizer, recipe: Recipe, stop_ids: list[int]):
-        self.model, self.tokenizer, self.cfg, self.stop_ids = model, tokenizer, recipe.eval, stop_ids
-        self.seed = recipe.training.seed
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def __call__(self, chats: list[list[dict]]) -> list[Generation]:
-        import torch
-
-        tok, out = self.tokenizer, []
-        tok.padding_side = "left"
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0]
-        self.model.eval()
-        start = time.perf_counter()
-        for i in range(0, len(chats), self.cfg.batch_size):
-            batch = chats[i : i + self.cfg.batch_size]
-            enc = tok.apply_chat_template(batch, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
-            torch.manual_seed(self.seed + i)  # same stream for base and fine-tune
-            sampling = (dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
-                        if self.cfg.temperature > 0 else dict(do_sample=False))
-            with torch.no_grad():
-                ids = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, eos_token_id=self.stop_ids,
-                                          pad_token_id=pad, use_cache=True, **sampling)
-            for row in ids[:, enc["input_ids"].shape[1]:].tolist():
-                cut = next((j + 1 for j, t in enumerate(row) if t in self.stop_ids), len(row))
-                row = row[:cut]
-                self.tokens += len(row)
-                out.append(Generation(tok.decode(row, skip_special_tokens=True).strip(), row))
-        self.seconds += time.perf_counter() - start
-        return out
-
-
 def _read_set(name: str, key: str) -> list[str]:
     return [json.loads(line)[key] for line in (SETS / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def eval_conversations(prepared: PreparedData, limit: int) -> list[list[dict]]:
     """Held-back conversations (train when there is no validation split) to replay."""
-    source = prepared.val_jsonl if prepared.counts["val"] else prepared.train_jsonl
-    rows = [json.loads(line)["messages"] for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows[:limit]
+    return held_back_conversations(prepared.val_jsonl, prepared.train_jsonl, bool(prepared.counts["val"]), limit)
 
 
 def replay(generate: Generator, conversations: list[list[dict]]) -> list[list[Generation]]:
@@ -239,7 +197,9 @@ def _scores(model, tokenizer, val_ds, recipe, prepared, encoder, screener, stop_
     from llmtune.train.sft import sample_prompts
 
     loss, tokens = eval_loss(model, val_ds) if val_ds is not None else (float("nan"), 0)
-    generate = Generator(model, tokenizer, recipe, stop_ids)
+    cfg = recipe.eval
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, recipe.training.seed)
+    generate = Generator(model, tokenizer, sampling, stop_ids)
     replies = [g.text for g in generate(sample_prompts(recipe, prepared))]
     metrics, conversations = roleplay_metrics(generate, recipe, prepared, encoder, screener, markers) \
         if recipe.eval.max_conversations else ({}, [])
