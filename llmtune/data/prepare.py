@@ -419,6 +419,12 @@ def prepare(recipe: Recipe) -> PreparedData:
     found.seconds["write+report"] = time.perf_counter() - clock
     prepared.seconds = found.seconds
     _print_summary(prepared)
+    if recipe.preference is not None:
+        from llmtune.data.preference import prepare_preference, report_section
+
+        preference = prepare_preference(recipe, tokenizer, template)
+        with prepared.report.open("a", encoding="utf-8") as f:
+            f.write("\n".join(report_section(preference)))
     return prepared
 
 
