@@ -328,3 +328,48 @@ def test_auto_gradient_checkpointing_turns_on_only_when_memory_demands_it():
     unknown = demo.model_copy(update={"model": demo.model.model_copy(update={"base": "/nonexistent/model"})})
     on, why = checkpointing_decision(unknown, "cpu", 2**30)
     assert not on and "no memory estimate" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# The preference stage
+
+
+def preference_recipe(path: Path, **preference) -> Recipe:
+    doc = yaml.safe_load(path.read_text())
+    doc["preference"] = {"sources": [{"path": "pairs.jsonl"}], **preference}
+    doc["stages"] = ["prepare", "train", "preference", "eval"]
+    return Recipe.model_validate(doc)
+
+
+def test_preference_stage_estimate_follows_its_batches():
+    path = REPO / "recipes/qwen2.5-7b-qlora-16gb.yaml"
+    dpo = estimate(preference_recipe(path, micro_batch_size=1), 16.0, stage="preference")
+    assert "preference: dpo" in dpo.recipe and any("adapter disabled" in n for n in dpo.notes)
+    assert sum(dpo.breakdown.values()) == dpo.peak_bytes
+    bigger = estimate(preference_recipe(path, micro_batch_size=4), 16.0, stage="preference")
+    assert bigger.breakdown["activations"] > 2 * dpo.breakdown["activations"]
+    kto = estimate(preference_recipe(path, micro_batch_size=1, method="kto"), 16.0, stage="preference")
+    assert kto.breakdown["activations"] < dpo.breakdown["activations"]  # one sequence per row, not two
+    orpo = estimate(preference_recipe(path, micro_batch_size=1, method="orpo"), 16.0, stage="preference")
+    assert orpo.breakdown["logits_loss"] > dpo.breakdown["logits_loss"]  # full logits, not TRL's fused head
+    # QLoRA on top of SFT keeps TRL's frozen copy of the adapter for DPO/KTO; from the base it does not.
+    base = estimate(preference_recipe(path, micro_batch_size=1, start_from="base"), 16.0, stage="preference")
+    assert dpo.breakdown["lora_params"] == 2 * base.breakdown["lora_params"]
+    # The suggestions speak of the stage's own keys.
+    tight = estimate(preference_recipe(path, micro_batch_size=8), 8.0, stage="preference")
+    assert tight.suggestions and tight.suggestions[0].change.startswith("preference.micro_batch_size=")
+
+
+def test_estimate_command_prints_the_preference_stage(cli):
+    from llmtune.estimate.memory import checkpointing_decision
+
+    path = REPO / "recipes/demo-dpo-cpu.yaml"
+    res = cli(str(path), "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["recipe"] == "demo-dpo-cpu" and out["preference"]["recipe"] == "demo-dpo-cpu (preference: dpo)"
+    assert out["preference"]["peak_bytes"] > 0
+    res = cli(str(path), "--device", "cpu")
+    assert res.exit_code == 0 and "demo-dpo-cpu (preference: dpo)" in res.output
+    on, why = checkpointing_decision(load_recipe(path), "cpu", 64 * 2**30, "preference")
+    assert not on and "estimated peak" in why
