@@ -373,3 +373,43 @@ def test_estimate_command_prints_the_preference_stage(cli):
     assert res.exit_code == 0 and "demo-dpo-cpu (preference: dpo)" in res.output
     on, why = checkpointing_decision(load_recipe(path), "cpu", 64 * 2**30, "preference")
     assert not on and "estimated peak" in why
+
+
+def test_preference_estimate_bounds_a_measured_dpo_run(tmp_path):
+    """Two real DPO steps of the tiny Llama under torch's profiler: the prediction is an upper bound
+    (it scores every token; DPO scores the replies only) and not a wild one."""
+    import random
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmtune.data.prepare import prepare
+    from llmtune.estimate.memory import estimate as estimate_stage
+    from llmtune.train.preference import train_preference
+
+    bench = load_bench()
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    say = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    (tmp_path / "p.jsonl").write_text("".join(
+        json.dumps({"prompt": f"{i} {say(1)}", "chosen": say(70), "rejected": say(70)}) + "\n" for i in range(8)))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    doc = {"name": "m", "stages": ["prepare", "preference"], "model": {"base": "embedded:tiny-random-llama"},
+           "data": {"sources": [{"path": str(tmp_path / "c.jsonl")}], "max_seq_length": 128, "val_fraction": 0,
+                    "dedup": "none"},
+           "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "training": {"gradient_checkpointing": False},
+           "preference": {"start_from": "base", "sources": [{"path": str(tmp_path / "p.jsonl")}], "val_fraction": 0,
+                          "max_steps": 2, "micro_batch_size": 2, "eval_steps": 1000, "save_steps": 1000},
+           "eval": {"prompts": []}, "output": {"dir": str(tmp_path / "runs")}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    recipe = load_recipe(path)
+    prepare(recipe)
+    torch.set_num_threads(2)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_preference(recipe)
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    measured = bench.peak_from_trace(str(tmp_path / "trace.json"))
+    predicted = estimate_stage(recipe, None, device="cpu", stage="preference").peak_bytes
+    assert measured <= predicted <= 2.5 * measured, (measured, predicted)

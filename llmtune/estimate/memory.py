@@ -138,6 +138,7 @@ class Shape:
     checkpointing: bool
     optim: str
     packed: bool = True  # training.packing: padding-free rows, flattened into one sequence per micro-batch
+    chunked_head: bool = False  # llmtune's chunked loss-bearing-rows head (llmtune.train.chunked_loss), preference stage
     full_logits: bool = False  # trl.experimental ORPO/CPO: the whole [tokens, vocab] logits in fp32, not TRL's fused head
     frozen_adapters: int = 0  # extra LoRA copies without gradients (TRL's "ref" adapter when a 4-bit run continues the SFT adapter)
 
@@ -184,7 +185,9 @@ def shape_for(recipe: Recipe, arch: Arch, stage: Stage = "train") -> Shape:
         continues_sft = p.start_from == "sft" and recipe.quantization.mode == "nf4" and p.method in ("dpo", "kto")
         shape = replace(shape, micro_batch=p.micro_batch_size * sequences_per_example(recipe), packed=False,
                         dropout=0.0,  # TRL's preference trainers disable dropout
-                        frozen_adapters=int(continues_sft), full_logits=p.method in ("orpo", "simpo"))
+                        frozen_adapters=int(continues_sft), full_logits=p.method in ("orpo", "simpo"),
+                        chunked_head=recipe.training.chunked_loss and p.method in ("dpo", "kto")
+                        and arch.final_logit_softcapping is None)
     return shape
 
 
@@ -386,6 +389,14 @@ class HeadMemory:
     backward: int  # tiles, copies and the hidden-state gradient alive in the loss backward
 
 
+# llmtune.train.chunked_loss.LOGITS_BLOCK_ELEMENTS and chunk_rows_for (that module imports torch; this one must not).
+CHUNKED_HEAD_BLOCK_ELEMENTS = 2**24
+
+
+def chunked_head_rows(vocab: int) -> int:
+    return max(64, min(4096, CHUNKED_HEAD_BLOCK_ELEMENTS // vocab))
+
+
 def head_memory(arch: Arch, prec: Precision, shape: Shape) -> HeadMemory:
     """TRL's fused LM head: log-probs of the labels in tiles, never the full [tokens, vocab] logits."""
     h, V = arch.hidden, arch.vocab
@@ -406,6 +417,13 @@ def head_memory(arch: Arch, prec: Precision, shape: Shape) -> HeadMemory:
         extra = SOFTCAP_EXTRA_TEMPS if arch.final_logit_softcapping else 0
         temps_f, temps_b = CPU_HEAD_FORWARD_TEMPS + extra, CPU_HEAD_BACKWARD_TEMPS + extra
     tile = n * v * 4
+    if shape.chunked_head:
+        # llmtune.train.chunked_loss: the scored rows only, a [chunk, vocab] block of fp32 logits and its
+        # softmax at a time; d log p / d hidden is formed in the same pass and kept for backward.
+        block = min(N, chunked_head_rows(V)) * V * 4
+        kept = N * h * 4 + N * 4 * 4  # the hidden-state gradient, log-probs, entropy, top-1, mean logit
+        return HeadMemory(saved=int(saved + kept), forward=int(N * h * final_b + 2 * block),
+                          backward=int(N * h * 4 + T * h * max(s, 4)))
     if shape.full_logits:
         # ORPO/CPO (trl.experimental) take log_softmax of the full logits: the logits, their fp32
         # log-softmax (kept for backward) and, in backward, its gradient (calibrated roughly, not measured).
@@ -625,6 +643,9 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda", 
                      + ("; the reference forward runs without gradients on the same weights (adapter disabled)"
                         if p.method in ("dpo", "kto") else "; no reference model; trl.experimental's trainers compute the "
                      "full [tokens, vocab] logits in fp32 (a rough model of them, not measured)"))
+        if shape.chunked_head:
+            notes.append("log-probs of the reply tokens by llmtune's chunked head (training.chunked_loss), "
+                         "worst case every token scored")
         if shape.frozen_adapters:
             notes.append("4-bit base + start_from sft: the SFT adapter keeps training against a frozen copy of itself "
                          "(TRL's `ref` adapter), counted in the LoRA parameters")

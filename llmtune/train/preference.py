@@ -238,7 +238,6 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     # 3. Data: tokenized, masked and truncated by prepare.
     train_ds = load_from_disk(str(prepared.train_tokenized))
     val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts["val"] else None
-    ensure_writable(ckpt_dir, 64 * 2**20, "preference checkpoints and the adapter")
     c = prepared.counts
     console.print(
         f"[bold]preference[/] ({pcfg.method}, beta {pcfg.beta}): {recipe.model.base} on {device} ({threads} threads), "
@@ -313,6 +312,8 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
                           getattr(trainer.model, "peft_config", {}) else p.data).float()
     trainable, total = trainer.model.get_nb_trainable_parameters()
     console.print(f"  trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    # Adapter + AdamW moments in fp32 per checkpoint, kept save_total_limit (+1 while rotating) times, and adapters.
+    ensure_writable(ckpt_dir, (pcfg.save_total_limit + 4) * trainable * 4 * 4 + 2**20, "preference checkpoints and the adapters")
 
     # 5. Train (from the last complete checkpoint with --resume).
     start = time.time()
