@@ -9,7 +9,7 @@ DEVICE ?= cpu
 # Servers the tests start on loopback (PostgreSQL, Redis); Debian packages, installed once.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install services browser demo test clean-runs
+.PHONY: install services browser demo demo-dpo test clean-runs
 
 install: $(STAMP) browser
 
@@ -50,6 +50,10 @@ services:
 	@if command -v redis-server >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 			postgresql redis-server >/dev/null; fi
+
+# SFT then DPO on the same embedded model (data/preference), before/after table (docs/preference.md).
+demo-dpo: install
+	$(BIN)/llmtune run recipes/demo-dpo-cpu.yaml
 
 test: install services
 	$(BIN)/python -m pytest -q tests

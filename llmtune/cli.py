@@ -48,7 +48,7 @@ def run(
     overrides: list[str] = OverridesArg,
     resume: bool = typer.Option(False, "--resume", help="Continue training from the last complete checkpoint."),
 ) -> None:
-    """Run every stage the recipe enables (prepare, train, eval) into runs/NAME."""
+    """Run every stage the recipe enables (prepare, train, preference, eval, merge, export) into runs/NAME."""
     from llmtune.run import run_recipe
 
     _call(lambda: run_recipe(_recipe(recipe, overrides), resume=resume))
@@ -94,6 +94,27 @@ def train(
             return
         save_resolved(r, r.run_dir)
         train_stage(r, PreparedData.load(r.run_dir), resume=resume)
+
+    _call(go)
+
+
+@app.command(epilog="Example: `llmtune preference recipes/demo-dpo-cpu.yaml preference.max_steps=10` (after prepare and train)")
+def preference(
+    recipe: Path = RecipeArg,
+    overrides: list[str] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete preference checkpoint."),
+) -> None:
+    """Preference-tune (DPO, KTO, ORPO, SimPO) on the pairs `llmtune prepare` made, on top of the SFT adapter."""
+    from llmtune.config import save_resolved
+    from llmtune.train.preference import train_preference
+
+    def go():
+        r = _recipe(recipe, overrides)
+        if not (r.run_dir / "data" / "preference" / "prepared.json").exists():
+            raise FileNotFoundError(f"no prepared preference data in {r.run_dir / 'data' / 'preference'}; "
+                                    f"run `llmtune prepare {recipe}` first (the recipe needs a `preference:` section)")
+        save_resolved(r, r.run_dir)
+        train_preference(r, resume=resume)
 
     _call(go)
 

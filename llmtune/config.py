@@ -16,8 +16,8 @@ from llmtune.errors import RecipeError
 from llmtune.moderation.policy import ModerationConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("prepare", "train", "eval", "merge", "export")
-Stage = Literal["prepare", "train", "eval", "merge", "export"]
+STAGES = ("prepare", "train", "preference", "eval", "merge", "export")
+Stage = Literal["prepare", "train", "preference", "eval", "merge", "export"]
 
 
 class Section(BaseModel):
@@ -181,6 +181,95 @@ class TrainingConfig(Section):
     num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; null uses every core.")
 
 
+class PreferenceSource(Section):
+    path: str = Field(
+        description="Preference data: a JSONL/JSON/Parquet file of pairs (`prompt` or `messages`, `chosen`, `rejected`) "
+        "or of KTO rows (`prompt`, `completion`, `label`), a `datasets` save_to_disk directory, a SillyTavern chat "
+        "export with swipes, or a directory of such files; relative to the recipe file or absolute."
+    )
+    format: Literal["auto", "pairs", "kto", "sillytavern"] = Field(
+        "auto",
+        description="`auto` tells the row shape per row (`chosen`/`rejected`: a pair; `completion` + `label`: a KTO row) "
+        "and a SillyTavern export by its header; the others insist on one shape (docs/preference.md).",
+    )
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict,
+        description="Extra role (or SillyTavern speaker) names mapped to system/user/assistant.",
+    )
+    card: str | None = Field(
+        None,
+        description="Character card (PNG/JSON) whose system prompt goes before every prompt of this source that has "
+        "none (SillyTavern exports carry no system prompt; the card is what the character ran with).",
+    )
+    system: str | None = Field(
+        None,
+        description="System prompt put before every prompt of this source that has none (instead of a `card:`), "
+        "e.g. the persona the SFT data opens with.",
+    )
+    user_name: str = Field("User", min_length=1, description="Name put in for `{{user}}` in the card.")
+    origin: str | None = Field(None, description="Where the data came from (carried into the report).")
+    license: str | None = Field(None, description="The data's licence (carried into the report).")
+
+    @model_validator(mode="after")
+    def _card_or_system(self) -> "PreferenceSource":
+        if self.card is not None and self.system is not None:
+            raise ValueError("set `card` or `system` on a preference source, not both (the card carries its own system prompt)")
+        return self
+
+
+class PreferenceConfig(Section):
+    method: Literal["dpo", "kto", "orpo", "simpo"] = Field(
+        "dpo",
+        description="`dpo` (TRL DPOTrainer), `kto` (KTOTrainer: pairs and single desirable/undesirable rows), `orpo` "
+        "(trl.experimental ORPOTrainer, no reference model) or `simpo` (trl.experimental CPOTrainer with "
+        "loss_type=simpo, cpo_alpha=0, no reference model).",
+    )
+    sources: list[PreferenceSource] = Field(description="Preference data files; at least one.")
+    start_from: Literal["sft", "base"] = Field(
+        "sft",
+        description="`sft`: a new LoRA on top of the run's SFT adapter (train stage), whose model is the DPO/KTO "
+        "reference; `base`: a new LoRA on the base model, the reference being the base.",
+    )
+    val_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0,
+        description="Share of preference examples held back (by hash of prompt and chosen reply) for preference "
+        "accuracy and reward margin.",
+    )
+    beta: float = Field(0.1, gt=0, description="β: how far the policy may move from the reference (DPO/KTO), or the "
+                        "reward scale (ORPO's λ, SimPO's β).")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"] = Field(
+        "sigmoid", description="DPO loss variant (TRL DPOConfig.loss_type); `sigmoid` is the paper's."
+    )
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin γ (method simpo).")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO weight of desirable rows.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO weight of undesirable rows.")
+    precompute_reference: bool = Field(
+        False,
+        description="Compute the reference log-probs of every example once before training (DPO/KTO): saves the "
+        "reference forward pass of every step after the first epoch.",
+    )
+    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the preference training split when max_steps is -1.")
+    micro_batch_size: int = Field(2, gt=0, description="Examples (pairs) per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of the preference LoRA.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    logging_steps: int = Field(5, gt=0, description="Log loss and rewards every N steps.")
+    eval_steps: int = Field(20, gt=0, description="Evaluate on the held-out examples (and sample replies) every N steps.")
+    save_steps: int = Field(20, gt=0, description="Write an atomic checkpoint every N steps.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk (oldest deleted first).")
+
+    @field_validator("sources")
+    @classmethod
+    def _at_least_one(cls, v: list[PreferenceSource]) -> list[PreferenceSource]:
+        if not v:
+            raise ValueError("list at least one preference source (`- path: data/preference/...jsonl`)")
+        return v
+
+
 class EvalConfig(Section):
     prompts: list[str] = Field(
         default_factory=lambda: ["Hello! Who are you?"],
@@ -245,13 +334,19 @@ class Recipe(Section):
     name: str = Field(description="Recipe name; also the default run directory name.")
     description: str | None = Field(None, description="One line on what this recipe is for.")
     stages: list[Stage] = Field(
-        default_factory=lambda: list(STAGES), description="Stages `llmtune run` executes, in order."
+        default_factory=lambda: [s for s in STAGES if s != "preference"],
+        description="Stages `llmtune run` executes, in order. Left out: every stage, `preference` only when the "
+        "recipe has a `preference:` section.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preference: PreferenceConfig | None = Field(
+        None,
+        description="Preference tuning (DPO, KTO, ORPO, SimPO) after `train`; null: none. See docs/preference.md.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     moderation: ModerationConfig = Field(
         default_factory=ModerationConfig,
@@ -267,11 +362,20 @@ class Recipe(Section):
     # Where the recipe came from; relative data paths resolve against it. Not a recipe key.
     source_path: Path | None = Field(None, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_stages(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stages" not in data and data.get("preference") is not None:
+            return {**data, "stages": list(STAGES)}
+        return data
+
     @model_validator(mode="after")
     def _stage_order(self) -> "Recipe":
         order = [s for s in STAGES if s in self.stages]
         if order != list(self.stages):
             raise ValueError(f"stages must keep the order {list(STAGES)}; got {self.stages}")
+        if "preference" in self.stages and self.preference is None:
+            raise ValueError("the `preference` stage needs a `preference:` section (method, sources); see docs/preference.md")
         return self
 
     @property

@@ -33,6 +33,10 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> RunSummary:
     final_loss = base_loss = None
     if "train" in recipe.stages:
         final_loss = train(recipe, prepared, resume=resume).final_eval_loss
+    if "preference" in recipe.stages:
+        from llmtune.train.preference import train_preference
+
+        train_preference(recipe, resume=resume)
     if "eval" in recipe.stages:
         result = evaluate(recipe)
         final_loss = result.finetuned.eval_loss

@@ -328,3 +328,88 @@ def test_auto_gradient_checkpointing_turns_on_only_when_memory_demands_it():
     unknown = demo.model_copy(update={"model": demo.model.model_copy(update={"base": "/nonexistent/model"})})
     on, why = checkpointing_decision(unknown, "cpu", 2**30)
     assert not on and "no memory estimate" in why
+
+
+# ---------------------------------------------------------------------------------------------
+# The preference stage
+
+
+def preference_recipe(path: Path, **preference) -> Recipe:
+    doc = yaml.safe_load(path.read_text())
+    doc["preference"] = {"sources": [{"path": "pairs.jsonl"}], **preference}
+    doc["stages"] = ["prepare", "train", "preference", "eval"]
+    return Recipe.model_validate(doc)
+
+
+def test_preference_stage_estimate_follows_its_batches():
+    path = REPO / "recipes/qwen2.5-7b-qlora-16gb.yaml"
+    dpo = estimate(preference_recipe(path, micro_batch_size=1), 16.0, stage="preference")
+    assert "preference: dpo" in dpo.recipe and any("adapter disabled" in n for n in dpo.notes)
+    assert sum(dpo.breakdown.values()) == dpo.peak_bytes
+    bigger = estimate(preference_recipe(path, micro_batch_size=4), 16.0, stage="preference")
+    assert bigger.breakdown["activations"] > 2 * dpo.breakdown["activations"]
+    kto = estimate(preference_recipe(path, micro_batch_size=1, method="kto"), 16.0, stage="preference")
+    assert kto.breakdown["activations"] < dpo.breakdown["activations"]  # one sequence per row, not two
+    orpo = estimate(preference_recipe(path, micro_batch_size=1, method="orpo"), 16.0, stage="preference")
+    assert orpo.breakdown["logits_loss"] > dpo.breakdown["logits_loss"]  # full logits, not TRL's fused head
+    # QLoRA on top of SFT keeps TRL's frozen copy of the adapter for DPO/KTO; from the base it does not.
+    base = estimate(preference_recipe(path, micro_batch_size=1, start_from="base"), 16.0, stage="preference")
+    assert dpo.breakdown["lora_params"] == 2 * base.breakdown["lora_params"]
+    # The suggestions speak of the stage's own keys.
+    tight = estimate(preference_recipe(path, micro_batch_size=8), 8.0, stage="preference")
+    assert tight.suggestions and tight.suggestions[0].change.startswith("preference.micro_batch_size=")
+
+
+def test_estimate_command_prints_the_preference_stage(cli):
+    from llmtune.estimate.memory import checkpointing_decision
+
+    path = REPO / "recipes/demo-dpo-cpu.yaml"
+    res = cli(str(path), "--json", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["recipe"] == "demo-dpo-cpu" and out["preference"]["recipe"] == "demo-dpo-cpu (preference: dpo)"
+    assert out["preference"]["peak_bytes"] > 0
+    res = cli(str(path), "--device", "cpu")
+    assert res.exit_code == 0 and "demo-dpo-cpu (preference: dpo)" in res.output
+    on, why = checkpointing_decision(load_recipe(path), "cpu", 64 * 2**30, "preference")
+    assert not on and "estimated peak" in why
+
+
+def test_preference_estimate_bounds_a_measured_dpo_run(tmp_path):
+    """Two real DPO steps of the tiny Llama under torch's profiler: the prediction is an upper bound
+    (it scores every token; DPO scores the replies only) and not a wild one."""
+    import random
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmtune.data.prepare import prepare
+    from llmtune.estimate.memory import estimate as estimate_stage
+    from llmtune.train.preference import train_preference
+
+    bench = load_bench()
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    say = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    (tmp_path / "p.jsonl").write_text("".join(
+        json.dumps({"prompt": f"{i} {say(1)}", "chosen": say(70), "rejected": say(70)}) + "\n" for i in range(8)))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}) + "\n")
+    doc = {"name": "m", "stages": ["prepare", "preference"], "model": {"base": "embedded:tiny-random-llama"},
+           "data": {"sources": [{"path": str(tmp_path / "c.jsonl")}], "max_seq_length": 128, "val_fraction": 0,
+                    "dedup": "none"},
+           "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "training": {"gradient_checkpointing": False},
+           "preference": {"start_from": "base", "sources": [{"path": str(tmp_path / "p.jsonl")}], "val_fraction": 0,
+                          "max_steps": 2, "micro_batch_size": 2, "eval_steps": 1000, "save_steps": 1000},
+           "eval": {"prompts": []}, "output": {"dir": str(tmp_path / "runs")}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    recipe = load_recipe(path)
+    prepare(recipe)
+    torch.set_num_threads(2)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_preference(recipe)
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    measured = bench.peak_from_trace(str(tmp_path / "trace.json"))
+    predicted = estimate_stage(recipe, None, device="cpu", stage="preference").peak_bytes
+    assert measured <= predicted <= 2.5 * measured, (measured, predicted)

@@ -88,3 +88,49 @@ def test_refusals_are_detected(text):
 ])
 def test_in_character_refusals_are_not_over_refusals(text):
     assert not M.is_refusal(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slop
+
+
+def test_slop_phrase_list_format():
+    """The maintained list: lower case, single spaces, no patterns, no duplicates, sorted within each group."""
+    raw = M.SLOP_PHRASES_FILE.read_text(encoding="utf-8")
+    assert raw.endswith("\n") and "\t" not in raw
+    phrases = M.read_slop_phrases()
+    assert len(phrases) >= 40 and len(set(phrases)) == len(phrases)
+    group: list[str] = []
+    for line in raw.splitlines() + [""]:
+        if not line.strip() or line.startswith("#"):
+            assert group == sorted(group), f"keep each group sorted: {group}"
+            group = []
+            continue
+        group.append(line)
+        assert line == line.strip().lower() and "  " not in line, f"lower case, single spaces: {line!r}"
+        assert not set(line) & set("()[]{}*+?|\\^$"), f"plain words, no patterns: {line!r}"
+        assert len(M.words(line)) >= 2, f"one word is voice, not a stock phrase: {line!r}"
+        assert M.slop_matches(line.upper()) == [line], f"{line!r} must match itself"
+
+
+def test_slop_rate_counts_phrases_per_thousand_words():
+    clean = "Due north, deckhand, along the copper cliffs. Keep your hat tied down."
+    sloppy = "A shiver runs down my spine. Maybe, just maybe, the air is thick with wonder \u2014 a tapestry of dreams."
+    assert M.slop_matches(clean) == []
+    assert M.slop_matches(sloppy) == ["shiver runs down", "maybe, just maybe", "air is thick with", "tapestry of"]
+    assert M.slop_per_1k_words([clean]) == 0.0
+    n_words = len(M.words(clean)) + len(M.words(sloppy))
+    assert M.slop_per_1k_words([clean, sloppy]) == pytest.approx(1000 * 4 / n_words)
+    assert M.slop_matches("I can\u2019t help but feel AS AN AI") == ["as an ai"]  # curly quotes and case
+    assert M.slop_matches("a tapestryof") == [] and M.slop_matches("as an aide") == []  # word boundaries
+    assert M.slop_per_1k_words([]) == 0.0
+
+
+def test_cross_reply_ngrams_find_a_models_own_stock_phrasing():
+    varied = ["The wind turns north.", "Odile counts the biscuits again.", "Pell plays the fiddle badly."]
+    assert M.cross_reply_ngram_rate(varied) == 0.0
+    stock = [f"The wind picks up as {x}." for x in ("we climb", "you speak", "night falls")]
+    # "the wind picks up" and "wind picks up as" are in all three replies: 2 of each reply's 4 4-grams.
+    assert M.cross_reply_ngram_rate(stock) == pytest.approx(6 / 12)
+    assert M.cross_reply_ngram_rate(stock, min_replies=4) == 0.0
+    assert M.cross_reply_ngram_rate([]) == 0.0

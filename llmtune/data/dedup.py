@@ -50,14 +50,23 @@ class NearDuplicateIndex:
         mh.update_batch(self.shingle_hashes(conversation))
         return mh.hashvalues
 
-    def check_and_add(self, key: str, conversation: Conversation, signature: np.ndarray | None = None) -> str | None:
-        """The key of an earlier near-duplicate, or None (and the conversation is indexed)."""
+    def _minhash(self, values: np.ndarray):
         from datasketch import MinHash
 
+        return MinHash(num_perm=NUM_PERM, hashvalues=values, permutations=self.permutations, scheme="affine32")
+
+    def matches(self, signature: np.ndarray) -> set[str]:
+        """Keys of the indexed conversations this signature is a near-duplicate of (nothing is added)."""
+        return set(self.lsh.query(self._minhash(signature)))
+
+    def add(self, key: str, signature: np.ndarray) -> None:
+        self.lsh.insert(key, self._minhash(signature), check_duplication=False)  # keys are unique file:line positions
+
+    def check_and_add(self, key: str, conversation: Conversation, signature: np.ndarray | None = None) -> str | None:
+        """The key of an earlier near-duplicate, or None (and the conversation is indexed)."""
         values = self.signature(conversation) if signature is None else signature
-        mh = MinHash(num_perm=NUM_PERM, hashvalues=values, permutations=self.permutations, scheme="affine32")
-        hits = self.lsh.query(mh)
+        hits = self.matches(values)
         if hits:
             return sorted(hits)[0]
-        self.lsh.insert(key, mh, check_duplication=False)  # keys are unique file:line positions
+        self.add(key, values)
         return None

@@ -333,7 +333,9 @@ def read_sillytavern_chat(path: Path, role_map: dict[str, str] | None = None) ->
     `is_user` decides user/assistant unless `role_map` names the speaker (e.g. a narrator
     in a group chat). Messages marked `is_system` are hidden in SillyTavern and never reach
     its prompt, so they are left out too (counted in `meta["hidden_messages"]`). The
-    header's `user_name` goes to `meta["user_name"]`. A broken line rejects the whole chat
+    header's `user_name` goes to `meta["user_name"]`; a message's `swipes` and `swipe_id` go to
+    `meta["swipes"][message index]` with its line (llmtune.data.pairs reads them as preference
+    pairs). A broken line rejects the whole chat
     at that line: a chat with a message missing would teach replies to a context that
     never happened.
     """
@@ -364,6 +366,8 @@ def read_sillytavern_chat(path: Path, role_map: dict[str, str] | None = None) ->
         content_problem = _check_content(len(messages), role, obj["mes"])
         if content_problem:
             return _whole_chat_rejected(*content_problem, source, lineno, raw)
+        if "swipes" in obj:  # the alternatives the user swiped through; preference data (llmtune.data.pairs)
+            meta.setdefault("swipes", {})[len(messages)] = (lineno, obj.get("swipes"), obj.get("swipe_id"), _preview(raw))
         messages.append(Message(role, obj["mes"]))
     if not messages:
         return Rejection(source, first_line, "empty_conversation", "the SillyTavern chat has no messages", "")

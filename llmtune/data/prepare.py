@@ -2,7 +2,8 @@
 
 Entry point: `prepare(recipe) -> PreparedData`. Nothing is dropped silently: every row
 read is kept, quarantined (with file, line and reason) or counted as a duplicate, and
-the counts reconcile (read = kept + quarantined + duplicates).
+the counts reconcile (read = kept + quarantined + duplicates). With a `preference:` section the
+preference sources are prepared too, with the same guarantees (llmtune.data.preference).
 """
 
 from __future__ import annotations
@@ -445,6 +446,12 @@ def prepare(recipe: Recipe) -> PreparedData:
     found.seconds["write+report"] = time.perf_counter() - clock
     prepared.seconds = found.seconds
     _print_summary(prepared)
+    if recipe.preference is not None:
+        from llmtune.data.preference import prepare_preference, report_section
+
+        preference = prepare_preference(recipe, tokenizer, template)
+        with prepared.report.open("a", encoding="utf-8") as f:
+            f.write("\n".join(report_section(preference)))
     return prepared
 
 

@@ -74,7 +74,7 @@ def render(est) -> None:
 RecipeArg = typer.Argument(..., help="Recipe YAML file (or a run directory holding recipe.yaml).")
 OverridesArg = typer.Argument(None, help="Overrides as section.key=value, e.g. training.micro_batch_size=2.")
 GpuMemOpt = typer.Option(None, "--gpu-mem", help="Card memory in GiB to check against (default: this machine's GPU, if any).")
-JsonOpt = typer.Option(False, "--json", help="Print {peak_bytes, fits, breakdown, ...} as JSON.")
+JsonOpt = typer.Option(False, "--json", help="Print {peak_bytes, fits, breakdown, ...} as JSON (with `preference`: the same for that stage).")
 DeviceOpt = typer.Option("cuda", "--device", help="`cuda` (predict a GPU run) or `cpu` (fp32 CPU run, in RAM).")
 
 
@@ -85,7 +85,7 @@ def estimate_command(
     as_json: bool = JsonOpt,
     device: str = DeviceOpt,
 ) -> None:
-    """Predict peak GPU memory of training RECIPE, broken down, and whether it fits (no GPU or download needed)."""
+    """Predict peak GPU memory of training RECIPE (and of its preference stage), broken down, and whether it fits (no GPU or download needed)."""
     from llmtune.config import load_recipe
     from llmtune.estimate.memory import estimate
 
@@ -97,10 +97,17 @@ def estimate_command(
         r = load_recipe(path, overrides or [])
         mem = gpu_mem if gpu_mem is not None else (local_gpu_mem_gb() if device == "cuda" else None)
         est = estimate(r, mem, device=device)  # type: ignore[arg-type]
+        # The preference stage's batches (chosen + rejected, padded) have their own peak.
+        pref = estimate(r, mem, device=device, stage="preference") if r.preference and "preference" in r.stages else None  # type: ignore[arg-type]
     except (LlmtuneError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     if as_json:
-        print(json.dumps(est.to_json(), indent=2))
+        out = est.to_json()
+        if pref is not None:
+            out["preference"] = pref.to_json()
+        print(json.dumps(out, indent=2))
     else:
         render(est)
+        if pref is not None:
+            render(pref)

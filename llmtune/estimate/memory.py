@@ -138,6 +138,9 @@ class Shape:
     checkpointing: bool
     optim: str
     packed: bool = True  # training.packing: padding-free rows, flattened into one sequence per micro-batch
+    chunked_head: bool = False  # llmtune's chunked loss-bearing-rows head (llmtune.train.chunked_loss), preference stage
+    full_logits: bool = False  # trl.experimental ORPO/CPO: the whole [tokens, vocab] logits in fp32, not TRL's fused head
+    frozen_adapters: int = 0  # extra LoRA copies without gradients (TRL's "ref" adapter when a 4-bit run continues the SFT adapter)
 
     @property
     def tokens(self) -> int:
@@ -152,11 +155,22 @@ class Shape:
         return (1, self.tokens) if self.packed else (self.micro_batch, self.seq)
 
 
-def shape_for(recipe: Recipe, arch: Arch) -> Shape:
+Stage = Literal["train", "preference"]
+
+
+def sequences_per_example(recipe: Recipe) -> int:
+    """Sequences one preference example puts through the policy: chosen and rejected for pair methods."""
+    return 1 if recipe.preference is not None and recipe.preference.method == "kto" else 2
+
+
+def shape_for(recipe: Recipe, arch: Arch, stage: Stage = "train") -> Shape:
+    """The memory knobs of the train stage, or of the preference stage: padded (never packed) batches of
+    chosen + rejected sequences (one per KTO row), the same LoRA. The reference forward of DPO/KTO runs
+    without gradients through the same weights (adapter disabled), so it adds no saved activations."""
     names = [n for n, _, _ in arch.linears()]
     tm = recipe.lora.target_modules
     targets = set(names) if tm == "all-linear" else {n for n in names if any(n == t or n.endswith("." + t) for t in tm)}
-    return Shape(
+    shape = Shape(
         micro_batch=recipe.training.micro_batch_size,
         seq=recipe.data.max_seq_length,
         rank=recipe.lora.rank,
@@ -166,6 +180,15 @@ def shape_for(recipe: Recipe, arch: Arch) -> Shape:
         optim=recipe.training.optim,
         packed=recipe.training.packing,
     )
+    if stage == "preference" and recipe.preference is not None:
+        p = recipe.preference
+        continues_sft = p.start_from == "sft" and recipe.quantization.mode == "nf4" and p.method in ("dpo", "kto")
+        shape = replace(shape, micro_batch=p.micro_batch_size * sequences_per_example(recipe), packed=False,
+                        dropout=0.0,  # TRL's preference trainers disable dropout
+                        frozen_adapters=int(continues_sft), full_logits=p.method in ("orpo", "simpo"),
+                        chunked_head=recipe.training.chunked_loss and p.method in ("dpo", "kto")
+                        and arch.final_logit_softcapping is None)
+    return shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +215,7 @@ def static_parts(arch: Arch, prec: Precision, shape: Shape) -> dict[str, int]:
     return {
         "quantized_weights": int(quantized),
         "unquantized_weights": int(unquantized),
-        "lora_params": n_lora * prec.lora,
+        "lora_params": n_lora * prec.lora * (1 + shape.frozen_adapters),
         "gradients": n_lora * prec.lora,
         "optimizer_states": optim,
         "_paged": paged,
@@ -366,6 +389,14 @@ class HeadMemory:
     backward: int  # tiles, copies and the hidden-state gradient alive in the loss backward
 
 
+# llmtune.train.chunked_loss.LOGITS_BLOCK_ELEMENTS and chunk_rows_for (that module imports torch; this one must not).
+CHUNKED_HEAD_BLOCK_ELEMENTS = 2**24
+
+
+def chunked_head_rows(vocab: int) -> int:
+    return max(64, min(4096, CHUNKED_HEAD_BLOCK_ELEMENTS // vocab))
+
+
 def head_memory(arch: Arch, prec: Precision, shape: Shape) -> HeadMemory:
     """TRL's fused LM head: log-probs of the labels in tiles, never the full [tokens, vocab] logits."""
     h, V = arch.hidden, arch.vocab
@@ -386,6 +417,19 @@ def head_memory(arch: Arch, prec: Precision, shape: Shape) -> HeadMemory:
         extra = SOFTCAP_EXTRA_TEMPS if arch.final_logit_softcapping else 0
         temps_f, temps_b = CPU_HEAD_FORWARD_TEMPS + extra, CPU_HEAD_BACKWARD_TEMPS + extra
     tile = n * v * 4
+    if shape.chunked_head:
+        # llmtune.train.chunked_loss: the scored rows only, a [chunk, vocab] block of fp32 logits and its
+        # softmax at a time; d log p / d hidden is formed in the same pass and kept for backward.
+        block = min(N, chunked_head_rows(V)) * V * 4
+        kept = N * h * 4 + N * 4 * 4  # the hidden-state gradient, log-probs, entropy, top-1, mean logit
+        return HeadMemory(saved=int(saved + kept), forward=int(N * h * final_b + 2 * block),
+                          backward=int(N * h * 4 + T * h * max(s, 4)))
+    if shape.full_logits:
+        # ORPO/CPO (trl.experimental) take log_softmax of the full logits: the logits, their fp32
+        # log-softmax (kept for backward) and, in backward, its gradient (calibrated roughly, not measured).
+        full = T * V * 4
+        return HeadMemory(saved=int(saved + full), forward=int(T * h * final_b + 2 * full),
+                          backward=int(N * h * 4 + 2 * full + T * h * max(s, 4)))
     forward = int(T * h * final_b + buffer + temps_f * tile + casts)  # the final norm's output is still referenced
     backward = int(N * h * 4 + buffer + temps_b * tile + casts + T * h * max(s, 4))  # fp32 hidden grad, then the stream's
     return HeadMemory(saved=int(saved), forward=forward, backward=backward)
@@ -501,8 +545,10 @@ def usable_bytes(gpu_mem_gb: float) -> int:
     return card - int(max(DISPLAY_HEADROOM * card, DISPLAY_HEADROOM_MIN))
 
 
-def suggest(arch: Arch, prec: Precision, shape: Shape, recipe: Recipe, usable: int) -> list[Suggestion]:
+def suggest(arch: Arch, prec: Precision, shape: Shape, recipe: Recipe, usable: int, stage: Stage = "train") -> list[Suggestion]:
     """Changes that would make the recipe fit, in the order to try them, each on top of the ones before."""
+    section = "preference" if stage == "preference" and recipe.preference is not None else "training"
+    per = sequences_per_example(recipe) if section == "preference" else 1  # sequences per batch item
     out: list[Suggestion] = []
     current_shape, current_prec = shape, prec
     peak = peak_memory(arch, prec, shape)[0]
@@ -526,14 +572,15 @@ def suggest(arch: Arch, prec: Precision, shape: Shape, recipe: Recipe, usable: i
         return values[-1]
 
     # 1. lower micro-batch, keeping the effective batch with gradient accumulation
-    if current_shape.micro_batch > 1:
-        options = [b for b in (8, 4, 2, 1) if b < current_shape.micro_batch]
-        b = smallest_that_fits(options, lambda v: (current_prec, replace(current_shape, micro_batch=v)))
-        accum = recipe.training.gradient_accumulation_steps * current_shape.micro_batch // b
+    items = current_shape.micro_batch // per
+    if items > 1:
+        options = [b for b in (8, 4, 2, 1) if b < items]
+        b = smallest_that_fits(options, lambda v: (current_prec, replace(current_shape, micro_batch=v * per)))
+        accum = getattr(recipe, section).gradient_accumulation_steps * items // b
         if record(
-            f"training.micro_batch_size={b} training.gradient_accumulation_steps={accum}",
+            f"{section}.micro_batch_size={b} {section}.gradient_accumulation_steps={accum}",
             "fewer sequences per forward pass; accumulation keeps the effective batch",
-            replace(current_shape, micro_batch=b), current_prec,
+            replace(current_shape, micro_batch=b * per), current_prec,
         ):
             return out
     # 2. gradient checkpointing
@@ -568,15 +615,18 @@ def suggest(arch: Arch, prec: Precision, shape: Shape, recipe: Recipe, usable: i
     return out
 
 
-def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda") -> Estimate:
+def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda", stage: Stage = "train") -> Estimate:
     """Predict the peak memory of training `recipe` and whether it fits a card of `gpu_mem_gb` GiB.
 
     `device="cuda"` (the default) predicts a GPU run whatever this machine has; `device="cpu"`
     predicts a CPU run (fp32, no CUDA context) and compares with `gpu_mem_gb` as RAM if given.
+    `stage="preference"` predicts the preference stage (recipe.preference) instead of `train`.
     """
+    if stage == "preference" and recipe.preference is None:
+        raise ValueError("stage=preference needs a recipe with a `preference:` section")
     arch = load_arch(recipe.model.base)
     prec = precision_for(recipe, device)
-    shape = shape_for(recipe, arch)
+    shape = shape_for(recipe, arch, stage)
     peak, breakdown, moment, allocated = peak_memory(arch, prec, shape)
     usable = usable_bytes(gpu_mem_gb) if gpu_mem_gb else None
     notes = [f"architecture: {arch.source}"]
@@ -586,7 +636,20 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda") 
         peak, breakdown, moment, allocated = peak_memory(arch, prec, shape)
         notes.append("training.gradient_checkpointing=auto turns checkpointing on for this memory size")
     fits = None if usable is None else peak <= usable
-    if shape.packed:
+    if stage == "preference":
+        p = recipe.preference
+        notes.append(f"preference stage ({p.method}): micro-batches of {p.micro_batch_size} example(s) x "
+                     f"{sequences_per_example(recipe)} padded sequence(s) of up to max_seq_length"
+                     + ("; the reference forward runs without gradients on the same weights (adapter disabled)"
+                        if p.method in ("dpo", "kto") else "; no reference model; trl.experimental's trainers compute the "
+                     "full [tokens, vocab] logits in fp32 (a rough model of them, not measured)"))
+        if shape.chunked_head:
+            notes.append("log-probs of the reply tokens by llmtune's chunked head (training.chunked_loss), "
+                         "worst case every token scored")
+        if shape.frozen_adapters:
+            notes.append("4-bit base + start_from sft: the SFT adapter keeps training against a frozen copy of itself "
+                         "(TRL's `ref` adapter), counted in the LoRA parameters")
+    elif shape.packed:
         notes.append("assumes packed rows filled to max_seq_length, every token trained, and TRL's path (an attention "
                      "mask over the whole micro-batch, TRL's LM head); llmtune's per-conversation attention and chunked "
                      "loss use less, so this is an upper bound for llmtune runs")
@@ -600,7 +663,7 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda") 
     if arch.attn_logit_softcapping and recipe.model.attn_implementation == "sdpa":
         notes.append("Gemma-2 soft-caps attention logits; SDPA ignores that: use model.attn_implementation=eager")
     return Estimate(
-        recipe=recipe.name,
+        recipe=recipe.name if stage == "train" else f"{recipe.name} (preference: {recipe.preference.method})",
         model=recipe.model.base,
         device=device,
         peak_bytes=peak,
@@ -609,19 +672,19 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda") 
         gpu_mem_bytes=int(gpu_mem_gb * GiB) if gpu_mem_gb else None,
         fits=fits,
         usable_bytes=usable,
-        suggestions=suggest(arch, prec, shape, recipe, usable) if usable is not None else [],
+        suggestions=suggest(arch, prec, shape, recipe, usable, stage) if usable is not None else [],
         torch_allocated_bytes=allocated,
         notes=notes,
         arch=arch,
     )
 
 
-def checkpointing_decision(recipe: Recipe, device: Device, memory_bytes: int) -> tuple[bool, str]:
+def checkpointing_decision(recipe: Recipe, device: Device, memory_bytes: int, stage: Stage = "train") -> tuple[bool, str]:
     """training.gradient_checkpointing=auto: (on?, why). On only when the estimated peak without
     checkpointing exceeds 90% of `memory_bytes` (the GPU's memory, or this process's share of RAM)."""
     try:
         arch = load_arch(recipe.model.base)
-        shape = replace(shape_for(recipe, arch), checkpointing=False)
+        shape = replace(shape_for(recipe, arch, stage), checkpointing=False)
         peak = peak_memory(arch, precision_for(recipe, device), shape)[0]
     except Exception as exc:  # no architecture file or config for this base: keep the fast path
         return False, f"off (auto: no memory estimate for {recipe.model.base}: {exc})"

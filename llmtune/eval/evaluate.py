@@ -10,7 +10,15 @@ the adapter is put on it and everything is measured again:
   and persona adherence (contrastive, MiniLM embeddings) with grammatical person;
 - over-refusal on shipped allowed prompts, and the policy-violation rate of replies to shipped
   red-team prompts as screened by the moderation adapter (no gateway in between);
-- the throughput of the eval's own generation.
+- the throughput of the eval's own generation;
+- slop: stock phrases per 1,000 words of replies (sets/slop_phrases.txt) and word 4-grams
+  repeated across replies;
+- with preference data in the run: on the held-out pairs, preference accuracy (does the model
+  give the chosen reply a higher mean per-token log-probability than the rejected one) and the
+  implicit reward margin against the model before (DPO's β·log-ratio difference).
+
+After a preference stage, the model before it (the SFT adapter) is measured too, so the table
+reads base | before preference | after preference.
 
 Writes eval.json, plots, and refreshes report.md.
 """
@@ -50,9 +58,18 @@ class ModelScores:
 class EvalResult:
     run_dir: Path
     base: ModelScores | None
-    finetuned: ModelScores
+    finetuned: ModelScores  # the run's adapter (after the preference stage when there was one)
     prompts: list[str]
     seconds: float
+    sft: ModelScores | None = None  # the SFT adapter the preference stage started from
+
+    def columns(self) -> list[tuple[str, ModelScores]]:
+        """(header, scores) left to right: base, before preference, the run's model."""
+        cols = [("base", self.base)] if self.base else []
+        if self.sft:
+            cols.append(("before preference", self.sft))
+        cols.append(("after preference" if self.sft else "fine-tune", self.finetuned))
+        return cols
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -74,6 +91,11 @@ TABLE = [
     ("person_consistency_rate", "keeps grammatical person", "up"),
     ("refusal_rate", "over-refusal (allowed prompts)", "down"),
     ("violation_rate", "policy violations (red team, no gateway)", "down"),
+    ("slop_per_1k_words", "slop: stock phrases per 1,000 words", "down"),
+    ("cross_reply_4gram_rate", "slop: 4-grams repeated across replies", "down"),
+    ("preference_accuracy", "preference accuracy (held-out pairs)", "up"),
+    ("reward_accuracy", "reward accuracy vs the model before", "up"),
+    ("reward_margin", "reward margin vs the model before", "up"),
     ("mean_reply_tokens", "mean reply tokens", None),
     ("generation_tokens_per_s", "eval generation tokens/s", None),
 ]
@@ -108,6 +130,50 @@ def eval_loss(model, dataset, batch_size: int = 8) -> tuple[float, int]:
             total += loss.item()
             count += int((shift_labels != IGNORE_INDEX).sum())
     return total / max(count, 1), count
+
+
+def pair_logps(model, dataset, batch_size: int = 4) -> list[tuple[float, int, float, int]]:
+    """(sum log p(chosen), chosen tokens, sum log p(rejected), rejected tokens) per held-out pair, each
+    reply scored after its prompt (the tokens prepare made: the run's template and masks)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    rows = list(zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]))
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            seqs = [(p, r) for p, c, rj in rows[i: i + batch_size] for r in (c, rj)]
+            width = max(len(p) + len(r) for p, r in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            attn = torch.zeros(len(seqs), width, dtype=torch.long)
+            for j, (p, r) in enumerate(seqs):
+                ids[j, : len(p) + len(r)] = torch.tensor(p + r)
+                attn[j, : len(p) + len(r)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            sums = []
+            for j, (p, r) in enumerate(seqs):
+                sums.append((float(logp[j, len(p) - 1: len(p) + len(r) - 1].sum()), len(r)))
+            for k in range(0, len(sums), 2):
+                out.append((*sums[k], *sums[k + 1]))
+    return out
+
+
+def preference_scores(logps, reference, beta: float) -> dict[str, float]:
+    """Preference accuracy (mean per-token log-prob of chosen above rejected: no reference, no length
+    bias) and, against `reference` (the model before), DPO's implicit reward accuracy and margin,
+    β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]."""
+    if not logps:
+        return {}
+    out = {"preference_accuracy": sum(c / nc > r / nr for c, nc, r, nr in logps) / len(logps)}
+    if reference is logps:  # the reference against itself: no margin, by definition
+        out.update(reward_accuracy=0.0, reward_margin=0.0)
+    elif reference is not None:
+        margins = [beta * ((c - rc) - (r - rr)) for (c, _, r, _), (rc, _, rr, _) in zip(logps, reference)]
+        out["reward_accuracy"] = sum(x > 0 for x in margins) / len(margins)
+        out["reward_margin"] = sum(margins) / len(margins)
+    return out
 
 
 def _read_set(name: str, key: str) -> list[str]:
@@ -151,6 +217,8 @@ def roleplay_metrics(
         multi = [r for r in replayed if len(r) > 1]
         m["repeated_4gram_rate"] = (sum(M.repeated_ngram_rate([g.text for g in r]) for r in multi) / len(multi)) if multi else 0.0
         m["mean_reply_tokens"] = sum(len(g.token_ids) for g in flat) / len(flat)
+        m["slop_per_1k_words"] = M.slop_per_1k_words([g.text for g in flat])
+        m["cross_reply_4gram_rate"] = M.cross_reply_ngram_rate([g.text for g in flat])
         firsts = [r[0].text for r in replayed if r]
         m["self_similarity"] = M.mean_pairwise_similarity(encoder.encode(firsts))
         m.update(_persona_scores(convs, replayed, encoder))
@@ -216,11 +284,18 @@ def evaluate(recipe: Recipe) -> EvalResult:
     from llmtune.export.presets import role_sequences
     from llmtune.moderation import load_screener
     from llmtune.report import write_run_report
+    from llmtune.train.preference import adapter_origin
     from llmtune.train.sft import configure_threads, sample_prompts, trained_adapter
 
     run_dir = recipe.run_dir
     adapter_dir = trained_adapter(recipe)
+    origin = adapter_origin(run_dir)
+    before_dir = run_dir / origin["before"] if origin and origin.get("before") else None
     prepared = PreparedData.load(run_dir)
+    pairs_dir = run_dir / "data" / "preference" / "tokenized" / "val_pairs"
+    pairs = load_from_disk(str(pairs_dir)) if pairs_dir.exists() else None
+    pairs = pairs if pairs is not None and len(pairs) else None
+    beta = recipe.preference.beta if recipe.preference else 0.1
     configure_threads(recipe.training.num_threads)
     start = time.time()
 
@@ -235,11 +310,29 @@ def evaluate(recipe: Recipe) -> EvalResult:
     screener = load_screener() if needs_gen and recipe.eval.red_team else None
 
     args = (tokenizer, val_ds, recipe, prepared, encoder, screener, stop_ids, markers)
+    # Held-out pairs: each model's log-probs; the model before (SFT, else base) is the reference.
+    logps = {"base": pair_logps(model, pairs)} if pairs is not None else {}
     base = _scores(model, *args) if recipe.eval.compare_base else None
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    sft = None
+    if before_dir is not None:
+        model = PeftModel.from_pretrained(model, str(before_dir), adapter_name="before")
+        logps["sft"] = pair_logps(model, pairs) if pairs is not None else None
+        sft = _scores(model, *args)
+        model.load_adapter(str(adapter_dir), adapter_name="after")
+        model.set_adapter("after")
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if pairs is not None:
+        logps["after"] = pair_logps(model, pairs)
     finetuned = _scores(model, *args)
+    if pairs is not None:
+        reference = logps["sft"] if sft is not None else logps["base"]
+        for scores, key in ((base, "base"), (sft, "sft"), (finetuned, "after")):
+            if scores is not None:
+                scores.metrics.update(preference_scores(logps[key], reference, beta))
 
-    result = EvalResult(run_dir, base, finetuned, [p[-1]["content"] for p in sample_prompts(recipe, prepared)], time.time() - start)
+    result = EvalResult(run_dir, base, finetuned, [p[-1]["content"] for p in sample_prompts(recipe, prepared)],
+                        time.time() - start, sft)
     (run_dir / "eval.json").write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     _plots(result, run_dir)
     print_eval(result)
@@ -248,43 +341,56 @@ def evaluate(recipe: Recipe) -> EvalResult:
 
 
 def _plots(result: EvalResult, run_dir: Path) -> None:
-    from llmtune.report import plot_side_by_side
+    from llmtune.report import plot_preference_eval, plot_side_by_side
 
-    models = [("base", result.base), ("fine-tune", result.finetuned)] if result.base else [("fine-tune", result.finetuned)]
+    models = result.columns()
     replies = {name: [m["content"] for c in s.conversations for m in c if m["role"] == "assistant"] for name, s in models}
     if any(replies.values()):
         plot_side_by_side({n: [M.distinct_n(t, 2) for t in r] for n, r in replies.items()}, run_dir / "eval_distinct2.png",
                           "distinct-2 per reply (higher: less repetition)", "distinct-2")
         plot_side_by_side({n: [len(M.words(t)) for t in r] for n, r in replies.items()}, run_dir / "eval_lengths.png",
                           "reply length (words)", "words")
+    keys = [k for k in ("preference_accuracy", "slop_per_1k_words", "cross_reply_4gram_rate")
+            if any(k in s.metrics for _, s in models)]
+    if "preference_accuracy" in keys or result.sft is not None:
+        labels = {key: label for key, label, _ in TABLE}
+        plot_preference_eval({name: s.metrics for name, s in models}, [(k, labels[k]) for k in keys],
+                             run_dir / "eval_preference.png")
 
 
-def rows(result: EvalResult) -> list[tuple[str, str, str, str]]:
-    """(label, base, fine-tune, delta) for the table in the terminal and report.md."""
-    b, f = result.base, result.finetuned
+def rows(result: EvalResult) -> list[tuple[str, ...]]:
+    """(label, one value per column of result.columns(), delta of the last column against the one
+    before it) for the table in the terminal and report.md."""
+    cols = [s for _, s in result.columns()]
     out = []
+
+    def row(label: str, values: list[float | None], digits: int) -> tuple[str, ...]:
+        shown = [f"{v:.{digits}f}" if v is not None else "-" for v in values]
+        last, prev = values[-1], values[-2] if len(values) > 1 else None
+        delta = f"{last - prev:+.{digits}f}" if last is not None and prev is not None else "-"
+        return (label, *shown, delta)
+
     for name, attr in (("eval loss", "eval_loss"), ("perplexity", "perplexity")):
-        bv, fv = (getattr(b, attr) if b else None), getattr(f, attr)
-        out.append((name, f"{bv:.4f}" if bv is not None else "-", f"{fv:.4f}", f"{fv - bv:+.4f}" if bv is not None else "-"))
+        out.append(row(name, [getattr(s, attr) for s in cols], 4))
     for key, label, _ in TABLE:
-        if key not in f.metrics:
+        if not any(key in s.metrics for s in cols):
             continue
-        bv = b.metrics.get(key) if b else None
-        fv = f.metrics[key]
-        out.append((label, f"{bv:.3f}" if bv is not None else "-", f"{fv:.3f}", f"{fv - bv:+.3f}" if bv is not None else "-"))
+        out.append(row(label, [s.metrics.get(key) for s in cols], 3))
     return out
 
 
 def print_eval(result: EvalResult) -> None:
-    table = Table(title="eval: fine-tune vs base (same prompts, same seed)")
-    for col, justify in (("metric", "left"), ("base", "right"), ("fine-tune", "right"), ("delta", "right")):
-        table.add_column(col, justify=justify)
+    cols = result.columns()
+    table = Table(title=f"eval: {' vs '.join(name for name, _ in cols)} (same prompts, same seed)")
+    table.add_column("metric", justify="left")
+    for name, _ in cols:
+        table.add_column(name, justify="right")
+    table.add_column("delta", justify="right")
     for row in rows(result):
         table.add_row(*row)
     console.print(table)
-    b, f = result.base, result.finetuned
+    width = max(len(name) for name, _ in cols) + 1
     for i, prompt in enumerate(result.prompts):
         console.print(f"[bold]user[/]: {prompt}")
-        if b:
-            console.print(f"  [dim]base[/]:      {b.replies[i]}")
-        console.print(f"  [green]fine-tune[/]: {f.replies[i]}")
+        for name, scores in cols:
+            console.print(f"  [{'green' if scores is result.finetuned else 'dim'}]{name + ':':<{width}}[/] {scores.replies[i]}")

@@ -6,13 +6,16 @@
   one conversation, self-similarity across a batch;
 - persona: is a reply closer to its own persona than to the others (contrastive, on sentence
   embeddings), and does it keep the card's grammatical person;
-- refusals: a documented rule set (REFUSAL_PATTERNS).
+- refusals: a documented rule set (REFUSAL_PATTERNS);
+- slop: stock phrases per 1,000 words (the maintained list in sets/slop_phrases.txt) and the
+  share of word 4-grams repeated across replies.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 _WORD = re.compile(r"[\w']+", re.UNICODE)
 
@@ -137,3 +140,57 @@ _REFUSAL = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNOREC
 
 def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Slop: stock phrases and phrasing repeated across replies
+
+SLOP_PHRASES_FILE = Path(__file__).resolve().parent / "sets" / "slop_phrases.txt"
+
+
+def read_slop_phrases(path=SLOP_PHRASES_FILE) -> list[str]:
+    """The maintained stock-phrase list: one lower-case phrase a line; `#` comments and blank lines skipped."""
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _normalise_quotes(text: str) -> str:
+    return text.replace("\u2019", "'").replace("\u2018", "'")
+
+
+_SLOP_CACHE: dict[tuple[str, ...], re.Pattern] = {}
+
+
+def slop_pattern(phrases: Sequence[str]) -> re.Pattern:
+    key = tuple(phrases)
+    if key not in _SLOP_CACHE:
+        alternatives = sorted((r"\s+".join(re.escape(w) for w in p.split()) for p in phrases), key=len, reverse=True)
+        _SLOP_CACHE[key] = re.compile(r"(?<![\w'])(?:" + "|".join(alternatives) + r")(?![\w'])", re.IGNORECASE)
+    return _SLOP_CACHE[key]
+
+
+def slop_matches(text: str, phrases: Sequence[str] | None = None) -> list[str]:
+    """The stock phrases in `text`, in order (non-overlapping, longest first at each position)."""
+    phrases = read_slop_phrases() if phrases is None else phrases
+    return [m.group(0).lower() for m in slop_pattern(phrases).finditer(_normalise_quotes(text))]
+
+
+def slop_per_1k_words(replies: Sequence[str], phrases: Sequence[str] | None = None) -> float:
+    """Stock phrases per 1,000 words over all replies (0 without words)."""
+    n_words = sum(len(words(r)) for r in replies)
+    hits = sum(len(slop_matches(r, phrases)) for r in replies)
+    return 1000.0 * hits / n_words if n_words else 0.0
+
+
+def cross_reply_ngram_rate(replies: Sequence[str], n: int = 4, min_replies: int = 3) -> float:
+    """Share of the replies' word n-grams that occur in at least `min_replies` different replies: a
+    model's own stock phrasing, whether or not the list knows it ("the wind picks up as", "I can't
+    help but"). 0 for a set of replies that never repeat one another."""
+    per_reply = [set(ngrams(words(r), n)) for r in replies]
+    spread: dict[tuple[str, ...], int] = {}
+    for grams in per_reply:
+        for g in grams:
+            spread[g] = spread.get(g, 0) + 1
+    total = sum(len(ngrams(words(r), n)) for r in replies)
+    repeated = sum(1 for r in replies for g in ngrams(words(r), n) if spread[g] >= min_replies)
+    return repeated / total if total else 0.0

@@ -75,7 +75,8 @@ class SampleReplies(TrainerCallback):
 class RichProgress(TrainerCallback):
     """One progress bar for the run with the latest loss and eval loss beside it."""
 
-    def __init__(self):
+    def __init__(self, label: str = "train"):
+        self.label = label
         self.progress: Progress | None = None
         self.task = None
         self.last = ""
@@ -84,7 +85,7 @@ class RichProgress(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.progress = Progress(
-            TextColumn("[bold]train[/]"),
+            TextColumn(f"[bold]{self.label}[/]"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
@@ -93,7 +94,7 @@ class RichProgress(TrainerCallback):
             console=console,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
+        self.task = self.progress.add_task(self.label, total=state.max_steps, completed=state.global_step, stats="")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -1,6 +1,7 @@
 """Cross-entropy on the loss-bearing positions only, projected to the vocabulary a chunk of rows at a time.
 
-TRL's SFTTrainer asks the model for `model(**batch, fused_lm_head=True)` and reduces the returned per-token
+TRL's SFTTrainer (and DPOTrainer and KTOTrainer, for the policy and the reference) asks the model for
+`model(**batch, fused_lm_head=True)` and reduces the returned per-token
 log-probabilities itself (sum over loss tokens / `num_items_in_batch`, the count over the whole accumulated batch),
 and logs entropy and token accuracy from the same outputs. `use_chunked_loss` replaces the forward that answers
 that call: it runs the backbone, keeps the hidden states whose shifted label is not -100, and scores them against
@@ -32,9 +33,11 @@ def chunk_rows_for(vocab: int) -> int:
 
 
 class LossBearingLogProbs(torch.autograd.Function):
-    """log softmax(hidden @ weight.T + bias)[target] for each row, with entropy and top-1 hit (no gradient).
+    """log softmax(hidden @ weight.T + bias)[target] for each row, with entropy, top-1 hit and the mean logit
+    (no gradient; TRL's DPO/KTO log the last two).
 
-    hidden [N, H] holds only loss-bearing rows; targets [N]. Returns fp32 log-probs [N], entropy [N], is_top1 [N].
+    hidden [N, H] holds only loss-bearing rows; targets [N]. Returns fp32 log-probs [N], entropy [N], is_top1 [N],
+    mean_logits [N].
     """
 
     @staticmethod
@@ -47,6 +50,7 @@ class LossBearingLogProbs(torch.autograd.Function):
         logprobs = torch.empty(n, device=device, dtype=torch.float32)
         entropy = torch.empty(n, device=device, dtype=torch.float32)
         is_top1 = torch.empty(n, device=device, dtype=torch.bool)
+        mean_logits = torch.empty(n, device=device, dtype=torch.float32)
         grad_hidden = torch.empty(hidden.shape, device=device, dtype=torch.float32) if need_grad else None
         for start in range(0, n, chunk_rows):
             end = min(start + chunk_rows, n)
@@ -56,6 +60,7 @@ class LossBearingLogProbs(torch.autograd.Function):
             rows = torch.arange(end - start, device=device)
             target_z = z[rows, t]
             top = z.amax(1)
+            mean_logits[start:end] = z.mean(1)
             is_top1[start:end] = target_z >= top
             z.sub_(top.unsqueeze(1))  # shifted logits, <= 0
             p = torch.exp(z)
@@ -72,11 +77,11 @@ class LossBearingLogProbs(torch.autograd.Function):
             del z, p
         ctx.save_for_backward(grad_hidden if need_grad else None)
         ctx.hidden_dtype = hidden.dtype
-        ctx.mark_non_differentiable(entropy, is_top1)
-        return logprobs, entropy, is_top1
+        ctx.mark_non_differentiable(entropy, is_top1, mean_logits)
+        return logprobs, entropy, is_top1, mean_logits
 
     @staticmethod
-    def backward(ctx, grad_logprobs, _grad_entropy, _grad_is_top1):
+    def backward(ctx, grad_logprobs, _grad_entropy, _grad_is_top1, _grad_mean_logits):
         (grad_hidden,) = ctx.saved_tensors
         if grad_hidden is None:
             raise RuntimeError("chunked loss: forward ran without gradients (no_grad) but backward was requested")
@@ -135,7 +140,7 @@ def use_chunked_loss(model, chunk_rows: int | None = None) -> str | None:
         head = self.get_output_embeddings()
         labels = labels.to(head.weight.device)
         mask = labels != -100
-        logprobs, entropy, is_top1 = LossBearingLogProbs.apply(
+        logprobs, entropy, is_top1, mean_logits = LossBearingLogProbs.apply(
             hidden.to(head.weight.device)[mask], head.weight, head.bias, labels[mask], rows,
             torch.is_grad_enabled() and hidden.requires_grad,
         )
@@ -147,6 +152,7 @@ def use_chunked_loss(model, chunk_rows: int | None = None) -> str | None:
             log_probs=log_probs,
             entropy=entropy.new_zeros(mask.shape).masked_scatter(mask, entropy),
             is_top1=is_top1.new_zeros(mask.shape).masked_scatter(mask, is_top1),
+            mean_logits=mean_logits.new_zeros(mask.shape).masked_scatter(mask, mean_logits),
             label_mask=mask,
         )
 

@@ -103,12 +103,14 @@ def packing_is_isolated(model) -> bool:
     return bool(torch.allclose(packed[:, 5:], alone, atol=1e-2, rtol=1e-2))
 
 
-def _make_trainer_class():
+def _make_trainer_class(base=None):
+    """`base` (TRL's SFTTrainer unless given: the preference stage passes DPO/KTO/ORPO/CPO trainers)
+    with atomic checkpoints."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
     from trl import SFTTrainer
 
-    class AtomicCheckpointSFTTrainer(SFTTrainer):
-        """SFTTrainer whose checkpoints appear complete or not at all.
+    class AtomicCheckpointSFTTrainer(base or SFTTrainer):
+        """A TRL trainer whose checkpoints appear complete or not at all.
 
         The Trainer writes a checkpoint file by file; a kill in between leaves a directory that
         `get_last_checkpoint` would pick up. Here it is written under `.staging/` and renamed
