@@ -123,6 +123,17 @@ def merge(
     _call(lambda: merge_stage(_recipe(run, overrides)))
 
 
+@app.command(epilog="Example: `llmtune export runs/demo-cpu export.gguf_types=[f16,q8_0]`")
+def export(
+    run: Path = typer.Argument(..., help="Run directory (or its recipe file)."),
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Write chat-app presets, a KoboldCpp adapter, an Ollama Modelfile and verified GGUF files into RUN/export."""
+    from llmtune.export.presets import export_for_apps
+
+    _call(lambda: export_for_apps(_recipe(run, overrides)))
+
+
 @app.command(epilog="Example: `llmtune serve runs/demo-cpu --config serve/gateway.example.yaml --port 8000`")
 def serve(
     target: Path = typer.Argument(..., help="Run directory (serves merged/ or base + adapter/) or model directory."),
