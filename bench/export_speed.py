@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -44,11 +51,13 @@ def main() -> None:
             save_resolved(recipe, recipe.run_dir)
             train(recipe, prepare(recipe))
             merge(recipe)
-        start = time.perf_counter()
+        start, load = time.perf_counter(), os.getloadavg()[0]
+        cpu_before = _cpu_seconds()
         result = export_for_apps(recipe)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_before
     sizes = ", ".join(f"{f['file']} {f['bytes'] / 2**20:.0f} MiB ({f['seconds']:.1f}s)" for f in result.gguf)
     print(f"exported {recipe.name} in {seconds:.1f}s: {sizes}; target: under 60 s -> {'met' if seconds < 60 else 'NOT met'}")
+    print(f"  CPU time {cpu:.1f}s (this process and the read-back process); load average {load:.2f} when it started")
     for f in result.gguf:
         v = f.get("verification") or {}
         if v.get("runtime"):

@@ -456,10 +456,9 @@ def _stderr_to(path: Path):
             os.close(saved)
 
 
-def quantize_with_llama_cpp(src: Path, out: Path, threads: int) -> GGUFFile:
+def quantize_with_llama_cpp(src: GGUFFile, out: Path, threads: int) -> GGUFFile:
     """Q4_K_M by llama.cpp's own quantizer (llama_model_quantize), from a f16/f32 GGUF. Tensors
     whose rows do not split into 256-value blocks get llama.cpp's fallback type, as with llama-quantize."""
-    import gguf
     import llama_cpp
 
     start = time.time()
@@ -470,16 +469,14 @@ def quantize_with_llama_cpp(src: Path, out: Path, threads: int) -> GGUFFile:
     partial = out.with_name(out.name + ".partial")
     try:
         with _stderr_to(out.with_name(out.name + ".log")) as log:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
+            rc = llama_cpp.llama_model_quantize(str(src.path).encode(), str(partial).encode(), ctypes.byref(params))
         fallback = [line for line in log.read_text(errors="replace").splitlines() if "required fallback" in line]
         if rc != 0:
-            raise GGUFError(f"llama.cpp's quantizer failed on {src} (code {rc}); its log: {log}")
+            raise GGUFError(f"llama.cpp's quantizer failed on {src.path} (code {rc}); its log: {log}")
         log.unlink()
         if fallback:  # e.g. SmolLM2's 576-wide rows do not split into Q4_K's 256-value blocks
             console.print(f"  llama.cpp quantizer: {fallback[0].split('WARNING: ')[-1]} (Q5_0/Q8_0 where rows do not split into 256-value blocks)")
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
-    reader = gguf.GGUFReader(out)
-    arch = str(reader.fields["general.architecture"].contents())
-    return GGUFFile(out, "q4_k_m", arch, len(reader.tensors), out.stat().st_size, time.time() - start)
+    return GGUFFile(out, "q4_k_m", src.arch, src.tensors, out.stat().st_size, time.time() - start)

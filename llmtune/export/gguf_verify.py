@@ -11,14 +11,19 @@ prompts and a few of the run's conversations. In llama.cpp (llama-cpp-python):
   end-of-turn token, wherever the merged model ends its reply within the same budget;
 - llama.cpp's tokenizer must encode the rendered prompts exactly as the training tokenizer.
 
-Then transformers' GGUF loader reads one file back (logits against the merged model) and its
-tokenizer (chat template and EOS must match). Its logits are reported next to llama.cpp's and
-bind only where llama-cpp-python is not installed: then it is the only check, and says so.
+llama.cpp must also read the training chat template, EOS and EOT from the file. Then
+transformers' GGUF loader reads one file back (logits against the merged model), reported next
+to llama.cpp's; where llama-cpp-python is not installed it reads back every file and its
+tokenizer (chat template and EOS), binding: then it is the only check, and says so.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,11 +59,16 @@ class GGUFVerification:
     stops_at_end_of_turn: list[bool | None] | None = None  # None: the merged model ran past the budget too
     reply_text: list[str] | None = None
     tokenizer_matches: bool | None = None
+    metadata_matches: bool | None = None  # chat template, EOS and EOT as llama.cpp reads them
     readback: dict | None = None  # transformers' GGUF loader
     failures: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def chat_ids(tokenizer, chat: list[dict], generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(chat, add_generation_prompt=generation_prompt, return_dict=True)["input_ids"])
 
 
 def reference(merged_dir: Path, tokenizer, prompts: list[list[dict]], conversations: list[list[dict]],
@@ -74,11 +84,8 @@ def reference(merged_dir: Path, tokenizer, prompts: list[list[dict]], conversati
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, **kwargs).eval()
     dev = next(model.parameters()).device
 
-    def ids_of(chat, gen: bool) -> list[int]:
-        return list(tokenizer.apply_chat_template(chat, add_generation_prompt=gen, return_dict=True)["input_ids"])
-
-    prompt_ids = [ids_of(c, True) for c in prompts]
-    conv_ids = [ids_of(c, False) for c in conversations]
+    prompt_ids = [chat_ids(tokenizer, c, generation_prompt=True) for c in prompts]
+    conv_ids = [chat_ids(tokenizer, c, generation_prompt=False) for c in conversations]
     replies, logits = [], []
     with torch.no_grad():
         for ids in prompt_ids:
@@ -106,7 +113,7 @@ def _top1(reference_logits: list, candidate_logits: list) -> tuple[float, int, f
 
 
 def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: int, threads: int,
-                       messages: list[list[dict]]) -> GGUFVerification:
+                       messages: list[list[dict]], chat_template: str) -> GGUFVerification:
     import llama_cpp
     import numpy as np
 
@@ -117,6 +124,11 @@ def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: 
         logits_all=True, verbose=False, chat_format="chat_template.default",  # the GGUF's own template
     )
     try:
+        meta = llm.metadata
+        result.metadata_matches = (
+            meta.get("tokenizer.chat_template") == chat_template and llm.token_eos() == ref.end_of_turn
+            and meta.get("tokenizer.ggml.eot_token_id") == str(ref.end_of_turn)
+        )
         # The tokenizer: the rendered training prompts, special tokens parsed, no BOS added on top.
         result.tokenizer_matches = all(
             llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
@@ -162,19 +174,47 @@ def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: 
     return result
 
 
-def read_back(path: Path, ref: Reference) -> dict:
-    """transformers' GGUF loader: the file's weights, dequantized, against the merged model."""
+def read_back_logits(path: str, conversation_ids: list[list[int]], out: str) -> str:
+    """transformers' GGUF loader: the file's weights, dequantized, and their logits on the
+    conversations, saved to `out` (.npy). Returns an error message, or "" when it read the file."""
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(1)
+    p = Path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
     except (NotImplementedError, ValueError, KeyError) as exc:  # e.g. it maps a `llama` file named "mistral..." to an arch gguf-py lacks
-        return {"file": path.name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     with torch.no_grad():
-        logits = [model(torch.tensor([ids]), use_cache=False).logits[0].numpy() for ids in ref.conversation_ids]
-    del model
-    top1, positions, diff = _top1(ref.logits, logits)
+        logits = [model(torch.tensor([ids]), use_cache=False).logits[0].numpy() for ids in conversation_ids]
+    np.save(out, np.concatenate(logits))
+    return ""
+
+
+def _start_read_back(paths: list[Path], conversation_ids: list[list[int]]) -> subprocess.Popen:
+    """`read_back_logits` for each file in a separate process (`python -m llmtune.export.gguf_verify`),
+    one torch thread, so it runs beside this process's llama.cpp checks."""
+    job = paths[0].with_name(".readback-job.json")
+    job.write_text(json.dumps({"files": [str(p) for p in paths], "conversation_ids": conversation_ids}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "llmtune.export.gguf_verify", str(job)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finish_read_back(path: Path, ref: Reference, returncode: int, stderr: str) -> dict:
+    import numpy as np
+
+    npy, err = Path(f"{path}.readback.npy"), Path(f"{path}.readback.err")
+    error = err.read_text() if err.exists() else f"the read-back process exited with {returncode}: {stderr.strip()[-300:]}"
+    err.unlink(missing_ok=True)
+    if error or not npy.exists():
+        return {"file": path.name, "error": error}
+    flat = np.load(npy)
+    npy.unlink()
+    cuts = np.cumsum([len(ids) for ids in ref.conversation_ids])[:-1]
+    top1, positions, diff = _top1(ref.logits, np.split(flat, cuts))
     return {"file": path.name, "top1_agreement": top1, "max_abs_logit_diff": diff, "positions": positions}
 
 
@@ -191,6 +231,8 @@ def read_back_tokenizer(path: Path, chat_template: str, eot_token: str) -> dict:
 
 def judge(v: GGUFVerification, min_top1: float, rope_freqs: bool) -> None:
     """Fill `failures` with every limit a file misses (q4_k_m is reported, not bound, past its tokenizer)."""
+    if v.metadata_matches is False:
+        v.failures.append("llama.cpp reads a chat template, EOS or EOT from the file that is not the training one")
     if v.tokenizer_matches is False:
         v.failures.append("llama.cpp tokenizes the rendered chat template differently from the training tokenizer")
     if v.runtime and v.type in EXACT_TYPES:
@@ -249,30 +291,52 @@ def verify_gguf(
     threads: int,
     rope_freqs: bool,
 ) -> list[GGUFVerification]:
+    import torch
+
     from llmtune.export.gguf_convert import llama_cpp_version
 
-    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
-    ref = reference(merged_dir, tokenizer, prompts, conversations, eot, budget=4 * greedy_tokens)
-    results = []
     runtime = llama_cpp_version()
     if runtime is None:
         console.print("  [yellow]llama.cpp runtime not installed[/] (llama-cpp-python: `pip install 'llmtune[gguf]'` "
                       "builds it from source, see docs/export.md); verifying with transformers' GGUF loader only")
-    for path, outtype in files:
-        if runtime:
-            v = check_in_llama_cpp(path, outtype, ref, greedy_tokens, threads, prompts)
-        else:
-            v = GGUFVerification(path.name, outtype, None)
-        results.append(v)
-    # transformers' loader takes ~20 s even for a 135M model (it parses the vocabulary twice): with
-    # llama.cpp it reads back the file the Modelfile uses; without, every file (the only check then).
-    preferred = next((v for v in results if v.type == "q8_0"), results[0])
-    for v, (path, _) in zip(results, files):
-        if v is preferred or runtime is None:
-            v.readback = read_back(path, ref)
-            if v is preferred:
-                v.readback["tokenizer"] = read_back_tokenizer(path, chat_template, end_of_turn)
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn)
+    conversation_ids = [chat_ids(tokenizer, c, generation_prompt=False) for c in conversations]
+    # With llama.cpp, transformers reads back the file the Modelfile uses; without, every file.
+    preferred = next((p for p, t in files if t == "q8_0"), files[0][0])
+    read_back = [p for p, _ in files if runtime is None or p == preferred]
+    # The read-back takes ~25 s of one core even for 135M parameters (the loader parses the whole
+    # vocabulary twice), so it runs in a second process while this one checks llama.cpp, on one
+    # core fewer: threads that share a core with another busy process stall each other.
+    proc = _start_read_back(read_back, conversation_ids)
+    threads, torch_threads = max(1, threads - 1), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref = reference(merged_dir, tokenizer, prompts, conversations, eot, budget=4 * greedy_tokens)
+        results = [
+            check_in_llama_cpp(path, outtype, ref, greedy_tokens, threads, prompts, chat_template) if runtime
+            else GGUFVerification(path.name, outtype, None)
+            for path, outtype in files
+        ]
+        stderr = proc.communicate()[1]
+        for v, (path, _) in zip(results, files):
+            if path in read_back:
+                v.readback = _finish_read_back(path, ref, proc.returncode, stderr)
+                if runtime is None:  # llama.cpp's own reading of template and EOS covers it otherwise
+                    v.readback["tokenizer"] = read_back_tokenizer(path, chat_template, end_of_turn)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        read_back[0].with_name(".readback-job.json").unlink(missing_ok=True)
+        torch.set_num_threads(torch_threads)
     for v in results:
         judge(v, min_top1, rope_freqs)
         console.print(f"  {v.file}: {describe(v)}{'' if not v.failures else ' [red]FAILED[/]'}")
     return results
+
+
+if __name__ == "__main__":  # python -m llmtune.export.gguf_verify JOB.json: the read-back process
+    job = json.loads(Path(sys.argv[1]).read_text())
+    for file in job["files"]:
+        error = read_back_logits(file, job["conversation_ids"], f"{file}.readback.npy")
+        Path(f"{file}.readback.err").write_text(error)

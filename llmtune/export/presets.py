@@ -287,7 +287,7 @@ def export_gguf(recipe: Recipe, prepared: PreparedData, export_dir: Path) -> lis
             source = next((f for f in written if f.outtype in ("f16", "f32")), None)
             if source is None:  # quantize from a f16 file written just for it
                 source = write_gguf(merged, staging / f".{recipe.name}-f16.gguf", "f16", tokenizer, special, name=recipe.name)
-            written.append(quantize_with_llama_cpp(source.path, staging / f"{recipe.name}-q4_k_m.gguf", threads))
+            written.append(quantize_with_llama_cpp(source, staging / f"{recipe.name}-q4_k_m.gguf", threads))
             if source.path.name.startswith("."):
                 source.path.unlink()
     for f in written:
