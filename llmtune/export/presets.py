@@ -166,10 +166,12 @@ LOCAL_GUIDE = """\
 
 {table}
 
-Pick `{pick}`: {pick_why} `{full}` is the full-precision reference{q4}. Every file carries the
-training chat template, and its EOS and EOT are the end-of-turn token `{stop}`, so all three
-runtimes stop where the model learned to stop. The checks behind the table are in
-`gguf_report.json`.
+Pick `{pick}`: {pick_why}
+`{full}` is the full-precision reference{q4}.
+
+Every file carries the training chat template, and its EOS and EOT are the end-of-turn token
+`{stop}`, so all three runtimes stop where the model learned to stop. The checks behind the
+table are in `gguf_report.json`.
 
 **These runtimes are outside llmtune's gateway: nothing screens the prompts or the replies.**
 The model card's restrictions still apply: fiction between adults, for adults only, never
