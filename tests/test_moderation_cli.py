@@ -30,7 +30,7 @@ def test_moderate_text_json_prints_one_object(app):
     res = runner.invoke(app, ["moderate", "--text", "asks for a sexual scene with a 15-year-old", "--json"])
     assert res.exit_code == 0, res.output
     obj = json.loads(res.stdout)
-    assert set(obj) == {"allowed", "categories", "scores", "layer"}
+    assert set(obj) == {"allowed", "categories", "scores", "layer", "evidence"}
     assert obj["allowed"] is False and obj["categories"] == ["minor_sexual"] and obj["layer"] == "rules"
     res = runner.invoke(app, ["moderate", "--text", "asks for a slow-burn romance between two adult chefs", "--json"])
     assert json.loads(res.stdout)["allowed"] is True
@@ -80,8 +80,11 @@ def test_moderation_train_tiny_subset_writes_a_loadable_adapter(app, tmp_path):
 
     data = REPO / "data" / "moderation"
     recipe = yaml.safe_load((REPO / "recipes" / "moderation.yaml").read_text())
-    recipe["data"].update(train=str(_subset(data / "train.jsonl", tmp_path / "train.jsonl", 24)),
-                          dev=str(_subset(data / "dev.jsonl", tmp_path / "dev.jsonl", 16)))
+    convs = tmp_path / "conv.jsonl"  # conversation rows with their labels, as the writers' files hold them
+    convs.write_text("\n".join((data / "train" / "w_conv.jsonl").read_text().splitlines()[:6]) + "\n")
+    recipe["data"].update(train=[str(_subset(data / "train.jsonl", tmp_path / "train.jsonl", 24)), str(convs)],
+                          tame=[str(data / "train" / "tame_rp" / "sillytavern_1.jsonl"),
+                                str(data / "train" / "tame_rp" / "card_amara.json")])
     recipe["output"] = {"dir": str(tmp_path / "runs"), "name": "tiny-mod"}
     path = tmp_path / "moderation.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -89,13 +92,13 @@ def test_moderation_train_tiny_subset_writes_a_loadable_adapter(app, tmp_path):
                               "training.num_threads=1"])
     assert res.exit_code == 0, res.output
     adapter_dir = tmp_path / "runs" / "tiny-mod" / "adapter"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "moderation.json", "real_people.txt"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "moderation.json", "prefilter.npz"):
         assert (adapter_dir / name).exists(), name
     meta = json.loads((adapter_dir / "moderation.json").read_text())
-    assert set(meta["thresholds"]) == set(meta["categories"]) and meta["training"]["steps"] == 2
+    assert set(meta["thresholds"]) == set(meta["categories"]) - set(meta["signals"]) and meta["training"]["steps"] == 2
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 8
     PeftModel.from_pretrained(AutoModel.from_pretrained(str(minilm_dir())), str(adapter_dir))
-    assert len(ModerationAdapter(adapter_dir).scores(["hello"])[0]) == 5
+    assert len(ModerationAdapter(adapter_dir).scores(["hello"])[0]) == len(meta["categories"])  # 5 blocking + 3 signals
 
 
 def test_moderation_train_reports_recipe_mistakes(app, tmp_path):
@@ -106,14 +109,30 @@ def test_moderation_train_reports_recipe_mistakes(app, tmp_path):
 
 
 def test_moderation_eval_writes_table_and_png(app, tmp_path):
-    split = _subset(REPO / "data" / "moderation" / "test.jsonl", tmp_path / "small.jsonl", 30)
+    rows = (REPO / "data" / "moderation" / "eval" / "dev.jsonl").read_text().splitlines()
+    split = tmp_path / "small.jsonl"
+    split.write_text("\n".join(rows[:40]) + "\n")  # a copy is not the frozen set: row-level errors are shown
     res = runner.invoke(app, ["moderation", "eval", "--split", str(split), "--out", str(tmp_path / "ev"), "--json"])
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.stdout)
-    assert set(metrics["per_category"]["minor_sexual"]) >= {"precision", "recall", "fpr"}
-    assert (tmp_path / "ev" / "pr_curves.png").stat().st_size > 1000
-    table = (tmp_path / "ev" / "confusion.md").read_text()
-    assert "| minor_sexual |" in table and "False-positive rate" in table
+    assert set(metrics["per_category"]["minor_sexual"]) >= {"positives", "caught", "recall", "exact_recall"}
+    assert {"adult_request", "tame_roleplay", "all_allowed"} <= set(metrics["fpr"]) and metrics["sha256"] is None
+    assert (tmp_path / "ev" / "eval.png").stat().st_size > 1000
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "| minor_sexual |" in report and "false-positive rate" in report and "## Errors" in report
+
+
+def test_moderation_eval_refuses_an_edited_frozen_set(tmp_path):
+    from llmtune.moderation.errors import ModerationError
+    from llmtune.moderation.evaluate import check_frozen
+
+    eval_dir = REPO / "data" / "moderation" / "eval"
+    assert check_frozen(eval_dir / "heldout.jsonl")  # the shipped set matches its recorded sha256
+    copy = tmp_path / "heldout.jsonl"
+    copy.write_text((eval_dir / "heldout.jsonl").read_text() + "\n")
+    (tmp_path / "heldout.sha256").write_text((eval_dir / "heldout.sha256").read_text())
+    with pytest.raises(ModerationError, match="changed after it was frozen"):
+        check_frozen(copy)
 
 
 def test_recipe_is_an_executable_script():

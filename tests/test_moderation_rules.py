@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from llmtune.moderation.rules import PlatformCategory, RuleSet, read_name_list
+from llmtune.moderation.rules import PlatformCategory, RuleSet
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def rules() -> RuleSet:
-    return RuleSet(read_name_list(REPO / "data" / "moderation" / "real_people.txt"))
+    return RuleSet([])  # the built-in gazetteer (lexicon/public_figures.tsv) and no platform names
 
 
 def cats(rules: RuleSet, text: str) -> set[str]:
@@ -143,24 +143,25 @@ def test_platform_names_and_categories_extend_the_rules():
     assert cats(extra, "a story about Jane the streamer") == set()
 
 
-def test_trigger_scanner_matches_wherever_a_trigger_does():
-    """The RE2 scan behind the fast path must never miss what the Python patterns find."""
+def test_risk_scanner_matches_wherever_a_risk_cue_does():
+    """The RE2 scan behind bulk screening's first gate must never miss what the Python patterns find."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from llmtune.moderation.rules import _TRIGGERS, _trigger_scanner
+    from llmtune.moderation.bulk import _RISK_PATTERNS, _risk_scanner
 
-    scanner = _trigger_scanner()
-    words = st.sampled_from(["one", "night", "stand", "sex", "sexy", "kiss", "her", "on", "a", "date", "pipe", "bomb",
-                             "how", "to", "make", "meth", "the", "captain", "lolicon", "rape", "zoophile", "in",
-                             "love", "with", "é", "naïve", "ship", "c-4", "r-18", "18+", "content", "steamy", "scene"])
+    scanner = _risk_scanner()
+    words = st.sampled_from(["one", "night", "stand", "15", "fifteen", "year", "old", "yo", "grade", "9th", "her", "a",
+                             "pipe", "bomb", "how", "to", "make", "meth", "the", "captain", "lolicon", "rape", "in",
+                             "born", "2012", "class", "of", "é", "naïve", "middle", "school", "student", "real", "life",
+                             "actress", "famous", "my", "neighbor", "@", "user", "street", "dog", "kid", "teen"])
     spaces = st.sampled_from([" ", "\n", "\t", "\x0b", "\x1c", "\u2028", "\xa0", "-", "", "é"])
 
     @settings(max_examples=1500, deadline=None)
     @given(st.lists(st.tuples(words, spaces), max_size=8))
     def check(pairs):
         text = "".join(w + s for w, s in pairs)
-        if any(p.search(text) for p in _TRIGGERS):
+        if any(p.search(text) for p in _RISK_PATTERNS):
             assert scanner.search(text), text
 
     check()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmtune.moderation import HARD_FLOOR, Decision, ModerationConfig, load_screener
-from llmtune.moderation.adapter import HEAD_NAME, NAMES_NAME, shipped_adapter_dir
+from llmtune.moderation.adapter import HEAD_NAME, shipped_adapter_dir
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.normalize import canonical
 from llmtune.moderation.screener import Screener
@@ -29,7 +29,7 @@ def adapter_only(screener: Screener, text: str) -> dict[str, float]:
 def test_decision_json_contract(screener):
     d = screener.screen("asks for a cozy mystery set in a lighthouse")
     assert isinstance(d, Decision)
-    assert set(d.to_json()) == {"allowed", "categories", "scores", "layer"}
+    assert set(d.to_json()) == {"allowed", "categories", "scores", "layer", "evidence"}
     assert d.allowed and d.categories == [] and d.layer == "none"
     assert set(d.scores) >= {"minor_sexual", "real_person_sexual", "sexual_violence", "bestiality", "illegal_instructions"}
     blocked = screener.screen("asks for a sexual scene with a 15-year-old")
@@ -87,15 +87,14 @@ def test_fast_encoder_matches_transformers_plus_peft():
     assert torch.allclose(ref, ours, atol=1e-4)
 
 
-def test_shipped_adapter_is_small_and_carries_the_name_list():
+def test_shipped_adapter_is_small_and_carries_its_first_stage():
     adapter_dir = shipped_adapter_dir()
     size = sum(f.stat().st_size for f in adapter_dir.iterdir())
     assert size < 5_000_000
     meta = json.loads((adapter_dir / "moderation.json").read_text())
     assert set(HARD_FLOOR) <= set(meta["thresholds"]) and meta["calibration"]["per_category"]
-    assert (adapter_dir / NAMES_NAME).read_text() == (REPO / "data/moderation/real_people.txt").read_text(), (
-        "copy data/moderation/real_people.txt into llmtune/moderation/adapter/ (wheels screen with that copy)"
-    )
+    assert (adapter_dir / "prefilter.npz").exists(), "ship the prefilter.npz that `llmtune moderation train` wrote beside the adapter"
+    assert meta["prefilter"]["calibration_blocked"] > 0
 
 
 def test_the_floor_holds_with_moderation_disabled(monkeypatch):
@@ -164,7 +163,7 @@ def test_policy_and_config_mistakes_are_clear_errors(tmp_path):
     clash.write_text("categories:\n  minor_sexual:\n    keywords: [x]\n")
     with pytest.raises(ModerationError, match="built in"):
         Screener(ModerationConfig(policy_file=str(clash)))
-    with pytest.raises(ModerationError, match="unknown category"):
+    with pytest.raises(ValueError, match="unknown category `gambling`"):
         Screener(ModerationConfig(categories={"gambling": True}))
     with pytest.raises(ModerationError, match="no moderation adapter"):
         Screener(ModerationConfig(adapter=str(tmp_path)))
@@ -194,9 +193,9 @@ def test_fast_screen_makes_the_same_decisions(screener):
     differ = [(t, f.categories, q.categories) for t, f, q in zip(texts, full, fast)
               if (f.allowed, f.categories) != (q.allowed, q.categories)]
     assert not differ, differ[:5]
-    clear = [t for t in texts if not screener.rules.could_fire(t)]
-    assert len(clear) > 100  # the fast path does skip work on benign text
-    assert all(d.allowed for t, d in zip(texts, full) if t in set(clear))
+    skipped = [t for t in texts if not screener.needs_full_screen([t])]
+    assert len(skipped) > 50, len(skipped)  # the cascade does skip work on benign text
+    assert all(d.allowed for t, d in zip(texts, full) if t in set(skipped))
 
 
 def test_plain_view_is_the_only_view():
@@ -230,18 +229,19 @@ def test_bfloat16_encoder_agrees_with_float32():
     assert max(abs(a.scores[c] - b.scores[c]) for a, b in zip(f32, bf16) for c in a.scores) < 0.03
 
 
-def test_conversation_quick_check_never_lets_a_blocked_conversation_through(screener):
+def test_bulk_cascade_never_lets_a_blocked_conversation_through(screener):
     import random
 
     texts = _texts_for_fast_path()
     rng = random.Random(0)
     convs = [rng.sample(texts, rng.randint(1, 4)) for _ in range(300)]
-    # Content split across turns, and number words meeting across the line break.
+    # Facts split across turns, and number words meeting across the line break.
     convs += [["she is fifteen", "write a sexual scene"], ["the clock struck twenty", "one night stand with him"],
               ["Hello there, captain!", "The engines hum."]]
-    for parts in convs:
-        if not screener.rules.conversation_could_fire(parts):
-            decision = screener.screen_conversation([{"role": "user", "content": p} for p in parts])
-            assert decision.allowed, (parts, decision.reason())
-    assert screener.rules.conversation_could_fire(["the clock struck twenty", "one night stand with him"])
-    assert not screener.rules.conversation_could_fire(["Hello there, captain!", "The engines hum."])
+    messages = [[{"role": "user", "content": p} for p in parts] for parts in convs]
+    full = [screener.screen_conversation(m) for m in messages]
+    cascade = screener.screen_conversations(messages, fast=True)
+    assert [(d.allowed, d.categories) for d in cascade] == [(d.allowed, d.categories) for d in full]
+    assert screener.bulk_skipped > 30  # and it does skip the full screen for plainly benign conversations
+    assert screener.needs_full_screen(["she is fifteen", "write a sexual scene"])
+    assert not screener.needs_full_screen(["Hello there, captain!", "The engines hum."])

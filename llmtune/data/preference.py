@@ -175,28 +175,17 @@ def tokenize_example(tokenizer, template: str, example: PreferenceExample, max_l
 
 
 def screen_sides(screener, sides: list[list[str]]) -> list:
-    """One Decision per side (the prompt's messages and a reply, screened as a conversation: every
-    message alone and all of them joined). Sides without a cue for any rule or adapter gate
-    (RuleSet.conversation_could_fire) are allowed at once; texts shared between sides (a prompt
-    screened for both replies, the growing prompts of one chat) are screened once."""
-    from llmtune.moderation.screener import Decision, merge_decisions
-
-    allowed = Decision(True, [], {c: 0.0 for c in screener.categories}, "none")
-    wanted: dict[str, int] = {}
-    plans: list[list[str] | None] = []
+    """One Decision per side: the prompt's messages and the reply, screened as one conversation
+    (what one message establishes, a minor's age or a real person, holds for the others). Bulk
+    cascade (Screener.screen_conversations with `fast`): a side no rule or fact could block and
+    whose texts the classifier's first stage clears is allowed without the full screen. Texts
+    shared between sides (a prompt screened for both replies) hit the screener's text cache."""
+    conversations = []
     for parts in sides:
         parts = [p for p in parts if p.strip()]
-        if not parts or not screener.rules.conversation_could_fire(parts):
-            plans.append(None)
-            continue
-        texts = parts + (["\n".join(parts)] if len(parts) > 1 else [])
-        for t in texts:
-            wanted.setdefault(t, len(wanted))
-        plans.append(texts)
-    order = list(wanted)
-    decided = dict(zip(order, screener.screen_batch(order, progress=len(order) > 2000, fast=True)))
-    return [allowed if texts is None else merge_decisions([decided[t] for t in texts], screener.categories)
-            for texts in plans]
+        conversations.append([{"role": "assistant" if i == len(parts) - 1 and i else "user", "content": p}
+                              for i, p in enumerate(parts)])
+    return screener.screen_conversations(conversations, progress=len(conversations) > 2000, fast=True)
 
 
 # ---------------------------------------------------------------------------------------------

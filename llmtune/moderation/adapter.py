@@ -5,7 +5,7 @@ On disk (what `llmtune moderation train` writes and the package ships under adap
     adapter_config.json, adapter_model.safetensors   PEFT LoRA (loads with PeftModel.from_pretrained)
     head.safetensors                                  `weight` [categories, 384], `bias` [categories]
     moderation.json                                   categories, frozen thresholds, max_length, calibration
-    real_people.txt                                   the name list the adapter was shipped with
+    prefilter.npz                                     the distilled first stage of bulk screening (bulk.py)
 
 Load it with transformers + peft (docs/moderation.md):
 
@@ -35,7 +35,6 @@ EMBEDDED_ENCODER = "embedded:minilm-l6"
 ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 CONFIG_NAME = "moderation.json"
 HEAD_NAME = "head.safetensors"
-NAMES_NAME = "real_people.txt"
 # LoRA targets: every linear layer of the encoder blocks (not the unused pooler).
 TARGET_MODULES = r".*encoder\.layer\.\d+\.(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 

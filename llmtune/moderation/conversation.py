@@ -154,27 +154,28 @@ class ConversationState:
             True, [], {c: 0.0 for c in screener.categories}, "none")
         signals = self.facts.sexual + self.facts.romantic
         blocked = list(base.categories)
-        evidence = list(base.evidence)
+        evidence: list[dict] = []
         reasons = list(base.reasons)
-        if signals and "minor_sexual" not in blocked:
-            pair = _first_pair(self._minor_facts(), signals) or self._named_dependant()
-            if pair:
-                blocked.append("minor_sexual")
-                evidence += [e.to_json() for e in pair]
-                reasons.append(f"minor_sexual: conversation ({pair[0].detail}: {pair[0].text!r} at {pair[0].where}; "
+        # The conversation's own pair (a minor or real person established in one place, sexual talk
+        # in another) is named even when a single text also blocks: it is what explains the verdict.
+        pairs = {}
+        if signals:
+            pairs["minor_sexual"] = _first_pair(self._minor_facts(), signals) or self._named_dependant()
+            pairs["real_person_sexual"] = _first_pair([e for e in self.facts.real if e.scope == "conversation"], signals)
+        for category, pair in pairs.items():
+            if not pair:
+                continue
+            evidence += [e.to_json() for e in pair]
+            if category not in blocked:
+                blocked.append(category)
+                reasons.append(f"{category}: conversation ({pair[0].detail}: {pair[0].text!r} at {pair[0].where}; "
                                f"{pair[1].detail}: {pair[1].text!r} at {pair[1].where})")
-        if signals and "real_person_sexual" not in blocked:
-            pair = _first_pair([e for e in self.facts.real if e.scope == "conversation"], signals)
-            if pair:
-                blocked.append("real_person_sexual")
-                evidence += [e.to_json() for e in pair]
-                reasons.append(f"real_person_sexual: conversation ({pair[0].detail}: {pair[0].text!r} at {pair[0].where}; "
-                               f"{pair[1].detail}: {pair[1].text!r} at {pair[1].where})")
-        if blocked == base.categories:
+        if blocked == base.categories and not evidence:
             return base
+        evidence += [e for e in base.evidence if e not in evidence]
         ordered = [c for c in screener.categories if c in blocked]
         layer = base.layer if base.layer != "none" else "conversation"
-        return Decision(False, ordered, base.scores, layer, reasons, evidence)
+        return Decision(not ordered, ordered, base.scores, layer, reasons, evidence)
 
     def reply(self, checkpoint_chars: int = CHECKPOINT_CHARS, context_chars: int = WINDOW_CONTEXT_CHARS) -> "ReplyScreen":
         return ReplyScreen(self.copy(), checkpoint_chars, context_chars)

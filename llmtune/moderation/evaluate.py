@@ -188,8 +188,34 @@ def evaluate_moderation(split: str = "heldout", adapter: str = "embedded", out_d
     result = ModerationEval(path.stem, len(rows), sha, metrics_for(rows, decisions), out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
     _write_report(result, out_dir / "report.md", rows, decisions, show_rows)
+    _plot(result, out_dir / "eval.png")
     _print(result)
     return result
+
+
+def _plot(result: ModerationEval, out: Path) -> Path:
+    """Recall per category and false-positive rate per allowed group, side by side (eval.png)."""
+    from llmtune.report import _pyplot
+
+    plt = _pyplot()
+    m = result.metrics
+    cats = [c for c, v in m["per_category"].items() if v["positives"]]
+    groups = [g for g, f in m["fpr"].items() if f["rows"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [max(len(cats), 1), max(len(groups), 1)]})
+    bars = left.bar(cats, [m["per_category"][c]["recall"] for c in cats], color="#4477aa")
+    left.bar_label(bars, fmt="%.3f", fontsize=7)
+    left.set_ylim(0, 1.1)
+    left.set_title(f"recall ({result.split})", fontsize=9)
+    bars = right.bar(groups, [m["fpr"][g]["rate"] for g in groups], color="#cc6677")
+    right.bar_label(bars, fmt="%.3f", fontsize=7)
+    right.set_ylim(0, max([0.1] + [m["fpr"][g]["rate"] * 1.3 for g in groups]))
+    right.set_title("false-positive rate", fontsize=9)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def _write_report(result: ModerationEval, path: Path, rows, decisions, show_rows: bool) -> None:
@@ -231,7 +257,7 @@ def _print(result: ModerationEval) -> None:
         table.add_row(cat, str(c["positives"]), f"{c['recall']}", f"{c['exact_recall']}")
     console.print(table)
     console.print("false-positive rate: " + ", ".join(f"{g} {f['rate']} ({f['count']}/{f['rows']})" for g, f in m["fpr"].items()))
-    console.print(f"wrote {result.out_dir / 'metrics.json'} and {result.out_dir / 'report.md'}")
+    console.print(f"wrote {result.out_dir / 'metrics.json'}, {result.out_dir / 'report.md'} and {result.out_dir / 'eval.png'}")
 
 
 # The categories the eval knows, for the CLI's help text.

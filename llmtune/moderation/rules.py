@@ -7,8 +7,8 @@ with the evidence it matched. The shape of each floor rule is "a cue NEAR a cont
   word, a euphemism, "looks like a child", age-play framings, "ancient being in a child's
   body") near sexual context, or near romantic context when the minor is a party to it.
   A few terms (lolicon, CSAM, ...) fire on their own.
-- real_person_sexual: a name from data/moderation/real_people.txt (plus the platform's list),
-  or "a real/real-life <person>", near sexual or romantic context.
+- real_person_sexual: a public figure from the gazetteer (lexicon/public_figures.tsv, plus the
+  platform's list), or "a real/real-life <person>", near sexual or romantic context.
 
 "Near" is measured in words. Hard negatives shaped the exemptions: adults in romance,
 "18-year-old", ages 18+ in words, a parent's own children ("after their kids are asleep"),
@@ -20,12 +20,11 @@ a few distinctive single names are listed).
 from __future__ import annotations
 
 import bisect
-import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmtune.moderation.normalize import fold, plain_view, views
+from llmtune.moderation.normalize import fold, views
 
 # Word windows for "near".
 STRONG_WINDOW = 40  # sexual term <-> minor cue anywhere in a short passage (split requests included)
@@ -512,12 +511,16 @@ def _relaxed(pattern: str) -> str:
         elif pattern[i] == "]" and in_class:
             in_class = False
         if not in_class and pattern.startswith(("(?!", "(?=", "(?<!", "(?<="), i):
-            depth, j = 0, i
+            depth, j, cls = 0, i, False
             while j < len(pattern):
                 if pattern[j] == "\\":
                     j += 2
                     continue
-                if pattern[j] == "(":
+                if cls:  # a ")" inside a character class closes nothing
+                    cls = pattern[j] != "]"
+                elif pattern[j] == "[":
+                    cls = True
+                elif pattern[j] == "(":
                     depth += 1
                 elif pattern[j] == ")":
                     depth -= 1
@@ -529,23 +532,6 @@ def _relaxed(pattern: str) -> str:
         out.append(pattern[i])
         i += 1
     return "".join(out)
-
-
-# Every pattern without which no built-in rule can fire and no adapter gate opens (see
-# RuleSet.could_fire): the rules' contexts and stand-alone terms, and the harm cues.
-_TRIGGERS = (_SEXUAL, _ROMANTIC, _STANDALONE, _SV_CORE, _BESTIALITY, _DANGEROUS, _HARM)
-
-
-@functools.lru_cache(maxsize=1)
-def _trigger_scanner():
-    """One RE2 automaton over the relaxed union of the triggers: a few microseconds per kilobyte,
-    where Python's backtracking engine takes ~0.2 ms per pattern on a 600-character message."""
-    import re2
-
-    options = re2.Options()
-    options.case_sensitive = False
-    options.max_mem = 256 << 20
-    return re2.compile("|".join(f"(?:{_relaxed(p.pattern)})" for p in _TRIGGERS), options)
 
 
 @dataclass
@@ -584,32 +570,6 @@ class RuleSet:
             sexual = sexual or _sexual_or_romantic(view)
             harm = harm or bool(_HARM.search(view))
         return Analysis(list(hits.values()), sexual, harm)
-
-    def conversation_could_fire(self, parts: list[str]) -> bool:
-        """could_fire for a conversation screened as its messages and "\\n".join(messages), in one
-        scan of the joined text when it is plain. Plain joined text means every message is plain
-        (no normalisation step undoes less in a part than in the whole), and every message's view
-        is a piece of the joined view, except where number words meet across a line break
-        ("twenty" / "one night"), so the lower-cased text is scanned as well."""
-        joined = "\n".join(parts)
-        plain = plain_view(joined)
-        if plain is None:
-            return any(self.could_fire(p) for p in parts) or (len(parts) > 1 and self.could_fire(joined))
-        return self._scan(plain) or (plain != (low := joined.lower()) and self._scan(low))
-
-    def _scan(self, view: str) -> bool:
-        if _trigger_scanner().search(view):
-            return True
-        return any(p.search(view) for cat in self.platform for p in cat.compiled)
-
-    def could_fire(self, text: str) -> bool:
-        """False only when no rule can fire on `text` and no adapter gate opens, so the screen
-        allows it whatever the adapter would score. Sound by construction: every rule needs a
-        match of one of _TRIGGERS (or a platform pattern) in some view, and the relaxed union
-        matches wherever they do. Plain text (normalize.plain_view) has one view and costs a few
-        microseconds; anything else is checked over all its views."""
-        vs = [plain] if (plain := plain_view(text)) is not None else views(text)
-        return any(self._scan(v) for v in vs)
 
     def match_view(self, view: str) -> list[RuleHit]:
         """Rules over one normalised view (lower case, number words as digits)."""

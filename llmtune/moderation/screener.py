@@ -196,11 +196,9 @@ class Screener:
                 else:
                     todo.append(i)
         if todo:
-            texts = [items[i][0] for i in todo]
             analyses = {i: self.rules.analyse(items[i][0]) for i in todo}
             scored = [i for i in todo if items[i][0].strip()]
             scores = dict(zip(scored, self._adapter_scores([items[i][0] for i in scored], batch_size, progress)))
-            del texts
             for i in todo:
                 text, where, role, name = items[i]
                 facts = extract_facts(text, where, role, self.rules, name=name)

@@ -32,7 +32,6 @@ from llmtune.moderation.adapter import (
     EMBEDDED_ENCODER,
     ENCODER_HUB_ID,
     HEAD_NAME,
-    NAMES_NAME,
     TARGET_MODULES,
     ModerationAdapter,
     Tokenizer,
