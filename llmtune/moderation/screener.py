@@ -275,6 +275,13 @@ class Screener:
 
     # -- conversations -----------------------------------------------------------------------
 
+    def clear_caches(self) -> None:
+        """Forget cached texts and conversation prefixes (benchmarks time the uncached screen)."""
+        with self._lock:
+            self._text_cache.clear()
+        with self._prefixes.lock:
+            self._prefixes.states.clear()
+
     def conversation_state(self, messages: list[dict]) -> ConversationState:
         """Every message screened (system prompts and card text included, `name` fields too), its
         facts accumulated; states are cached by conversation prefix."""

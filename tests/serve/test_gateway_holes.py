@@ -87,7 +87,7 @@ def test_3_the_reply_is_screened_with_its_conversation_plain_and_streamed_alike(
     plain = post(gw, chat(messages))
     assert plain.status_code == 200, plain.text
     choice = plain.json()["choices"][0]
-    assert choice["finish_reason"] == "content_filter"
+    assert choice["finish_reason"] == "content_filter", choice
     assert "sexual" not in choice["message"]["content"] and choice["message"]["content"].endswith(WITHHELD)
     streamed = post(gw, chat(messages, stream=True))
     text, finishes = sse_text(streamed)
