@@ -64,6 +64,15 @@ def resolve_accelerate_config(config: str | Path | None) -> Path | None:
     raise LlmtuneError(f"accelerate config {config} not found; give a file or one of: {names}")
 
 
+def describe_config(config: Path | None) -> str | None:
+    """`fsdp-qlora.yaml (sha256 1a2b3c4d)`: the engine config as nodes compare it, by content, not by how it was named."""
+    if config is None:
+        return None
+    import hashlib
+
+    return f"{config.name} (sha256 {hashlib.sha256(config.read_bytes()).hexdigest()[:8]})"
+
+
 def accelerate_command(
     module_args: list[str],
     nproc: int,
@@ -129,7 +138,7 @@ def launch_training(
     if node is not None and node.nnodes > 1:
         # Raises DistributedError (what, which node, which setting) instead of a hang in torchrun.
         handshake(node, load_recipe(recipe_path, overrides or []), timeout=rdzv_timeout,
-                  accelerate_config=str(accelerate_config) if accelerate_config else None)
+                  accelerate_config=describe_config(resolve_accelerate_config(accelerate_config)))
     args = ["llmtune.cli", "train", str(recipe_path), *(overrides or [])]
     if resume:
         args.append("--resume")

@@ -108,10 +108,13 @@ def test_two_nodes_train_one_adapter_that_matches_one_process_with_the_same_glob
     for rank, (rc, out) in enumerate(results):
         assert rc == 0, f"node {rank}:\n{out[-4000:]}"
     assert "all 2 nodes agree" in results[0][1]
-    assert "preparing the data once for all 2 ranks" in results[0][1] + results[1][1]
+    both = results[0][1] + results[1][1]
+    assert both.count("preparing the data once for all 2 ranks") == 1
+    decisions = [[line for line in out.splitlines() if "gradient checkpointing:" in line] for _, out in results]
+    assert len(decisions[0]) == 1 and decisions[0] == decisions[1], decisions  # the same on every rank
 
     ranks = json.loads((run_dir / "ranks.json").read_text())
-    assert "train 12 / val 0" in results[0][1] + results[1][1]
+    assert "train 12 / val 0" in both
     assert ranks["world_size"] == 2 and ranks["identical"] is True
     assert [(r["rank"], r["node"]) for r in ranks["ranks"]] == [(0, 0), (1, 1)]
     assert ranks["ranks"][0]["adapter_sha256"] == ranks["ranks"][1]["adapter_sha256"]
