@@ -1,21 +1,20 @@
 """Scaling of `llmtune train` from 1 process to 2, launched as 2 nodes on 127.0.0.1 (the multi-node path:
-handshake, accelerate, torchrun static rendezvous, DDP), on this machine.
+handshake, accelerate, torchrun static rendezvous, DDP over gloo or NCCL), on this machine.
 
-    .venv/bin/python bench/multinode_scaling.py [--model embedded:smollm2-135m-instruct] [--steps 6]
+    .venv/bin/python bench/multinode_scaling.py [--model embedded:smollm2-135m-instruct] [--steps 4]
         [--micro-batch 4] [--single-node] [--out docs/benchmarks]
 
-Both runs train the same recipe with the same global batch (1 x micro-batch B vs 2 x B/2), the same
-steps and the same data (the team's roleplay samples, no packing). The baseline is 1 process; the
-figure is measured against it in the same run:
+Every run trains the same recipe with the same global batch (1 x micro-batch B vs 2 x B/2), the same
+steps and the same data (the team's roleplay samples, no packing), all measured in this run:
 
-- on a CPU machine the processes share one set of cores (each gets cores / 2 threads), so the ratio
-  that matters is throughput(2) / throughput(1): how much splitting the same hardware costs (1.0: none);
-- on a machine with 2+ GPUs (one process per GPU) the scaling efficiency is
-  throughput(2) / (2 x throughput(1)) (1.0: linear).
+- scaling efficiency = throughput(2 processes) / (2 x throughput(1 process)), 1.0 = linear, where a
+  process has one device: one GPU on a machine with 2+ GPUs, one core (1 thread) on a CPU machine;
+- on a CPU machine also the ratio against the strongest 1-process baseline, one process using every
+  core: what splitting the same cores into two DDP ranks gains or costs.
 
-Throughput is loss-bearing tokens per second of the Trainer's own train_runtime (metrics.jsonl),
-without process start and model loading. --single-node also measures `--nproc 2` on one node.
-Numbers taken while other work shares the machine are pessimistic.
+Throughput is the Trainer's own train_runtime (metrics.jsonl; no process start or model loading) for
+the same work. --single-node also measures `--nproc 2` on one node. Numbers taken while other work
+shares the machine are pessimistic and noisy, the multi-threaded baseline most of all.
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def run(cmds: list[list[str]], label: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=4, help="global batch; each of 2 processes takes half")
     ap.add_argument("--single-node", action="store_true", help="also measure --nproc 2 on one node")
     ap.add_argument("--out", type=Path, help="write multinode_scaling.json here")
@@ -108,38 +107,46 @@ def main() -> None:
     print(f"{args.model}, {args.steps} steps of global batch {args.micro_batch}, {prepared['train']} conversations, "
           f"{f'{gpus} GPUs' if gpus else f'{cores} CPU cores'}", file=sys.stderr)
 
-    run([cli + ["train", str(recipe), "output.name=one", f"training.micro_batch_size={args.micro_batch}"]],
-        "1 process")
+    one_thread = [] if gpus else ["training.num_threads=1"]
+    full = f"training.micro_batch_size={args.micro_batch}"
+    runs = {}
+    run([cli + ["train", str(recipe), "output.name=one", full, *one_thread]], "1 process" + ("" if gpus else ", 1 thread"))
+    runs["1 process" + ("" if gpus else ", 1 thread")] = "one"
+    if not gpus:
+        run([cli + ["train", str(recipe), "output.name=one-all", full]], f"1 process, {cores} threads")
+        runs[f"1 process, {cores} threads"] = "one-all"
     port = free_port()
-    run([cli + ["train", str(recipe), "output.name=two-nodes", half, "--nnodes", "2", "--node-rank", str(r),
-                "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc", "1"]
-         + ([] if gpus else [f"training.num_threads={max(1, cores // 2)}"]) for r in (0, 1)],
-        "2 nodes x 1 process")
-    runs = {"1 process": "one", "2 nodes x 1 process": "two-nodes"}
+    two = "2 nodes x 1 process" + ("" if gpus else ", 1 thread each")
+    run([cli + ["train", str(recipe), "output.name=two-nodes", half, *one_thread, "--nnodes", "2", "--node-rank", str(r),
+                "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc", "1"] for r in (0, 1)], two)
+    runs[two] = "two-nodes"
     if args.single_node:
-        run([cli + ["train", str(recipe), "output.name=one-node", half, "--nproc", "2"]], "1 node x 2 processes")
+        run([cli + ["train", str(recipe), "output.name=one-node", half, *one_thread, "--nproc", "2"]],
+            "1 node x 2 processes")
         runs["1 node x 2 processes"] = "one-node"
 
     # The same work in every run, so throughput ratios are runtime ratios.
     tokens = prepared["trained_tokens"] * args.steps * args.micro_batch / max(1, prepared["train"])
     seconds = {label: train_runtime(tmp / "runs" / name) for label, name in runs.items()}
-    base = seconds["1 process"]
+    labels = list(seconds)
+    base = seconds[labels[0]]
     report = {"model": args.model, "steps": args.steps, "global_batch": args.micro_batch, "gpus": gpus, "cores": cores,
-              "train_seconds": seconds, "approx_tokens_per_s": {k: tokens / v for k, v in seconds.items()}}
-    print("\n| run | train s | tokens/s (approx.) | vs 1 process |\n|---|---|---|---|")
+              "load_average_1min": os.getloadavg()[0], "train_seconds": seconds,
+              "approx_tokens_per_s": {k: tokens / v for k, v in seconds.items()}}
+    print("\n| run | train s | tokens/s (approx.) | vs first row |\n|---|---|---|---|")
     for label, s in seconds.items():
         print(f"| {label} | {s:.1f} | {tokens / s:.0f} | {base / s:.2f}x |")
-    for label, s in seconds.items():
-        if label == "1 process":
-            continue
-        ratio = base / s
-        if gpus >= 2:
-            report.setdefault("scaling_efficiency", {})[label] = ratio / 2
-            print(f"scaling efficiency, {label} on 2 GPUs vs 1 GPU: {ratio / 2:.2f} (1.0 = linear)")
-        else:
-            report.setdefault("same_hardware_ratio", {})[label] = ratio
-            print(f"scaling efficiency, {label} vs 1 process on the same {cores} {'cores' if not gpus else 'GPU'}: "
-                  f"{ratio:.2f} (throughput ratio; 1.0 = splitting costs nothing)")
+    device = "GPU" if gpus else "core"
+    for label in labels:
+        if label.startswith(("2 nodes", "1 node x 2")):
+            eff = base / seconds[label] / 2
+            report.setdefault("scaling_efficiency", {})[label] = eff
+            print(f"scaling efficiency, {label} vs 1 process, one {device} each: {eff:.2f} (1.0 = linear)")
+            if not gpus:
+                ratio = seconds[f"1 process, {cores} threads"] / seconds[label]
+                report.setdefault("vs_one_process_all_cores", {})[label] = ratio
+                print(f"  {label} vs 1 process on all {cores} cores (the strongest baseline): {ratio:.2f}x")
+    print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {cores} cores")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "multinode_scaling.json").write_text(json.dumps(report, indent=2))
