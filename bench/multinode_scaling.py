@@ -113,6 +113,7 @@ def main() -> None:
     run([cli + ["train", str(recipe), "output.name=one", full, *one_thread]], "1 process" + ("" if gpus else ", 1 thread"))
     runs["1 process" + ("" if gpus else ", 1 thread")] = "one"
     if not gpus:
+        subprocess.run(cli + ["prepare", str(recipe), "output.name=one-all"], cwd=REPO, check=True, capture_output=True)
         run([cli + ["train", str(recipe), "output.name=one-all", full]], f"1 process, {cores} threads")
         runs[f"1 process, {cores} threads"] = "one-all"
     port = free_port()

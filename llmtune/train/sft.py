@@ -18,7 +18,7 @@ from pathlib import Path
 from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.prepare import PreparedData
-from llmtune.distributed import RankGroup, join_group
+from llmtune.distributed import DistributedError, RankGroup, join_group
 from llmtune.storage import ensure_writable
 from llmtune.models import load_base_model, load_tokenizer, placement_for, resolve_base
 
@@ -113,7 +113,7 @@ def check_ranks_in_sync(trainer, group: RankGroup, run_dir: Path) -> None:
     if identical is False:
         odd = [f"rank {r['rank']} on node {r['node']} ({r['host']})" for r in ranks
                if r["adapter_sha256"] != ranks[0]["adapter_sha256"]]
-        raise RuntimeError(f"the trained adapter differs between ranks ({', '.join(odd)} vs rank 0); see {run_dir / 'ranks.json'}")
+        raise DistributedError(f"the trained adapter differs between ranks ({', '.join(odd)} vs rank 0); see {run_dir / 'ranks.json'}")
     if identical:
         console.print(f"  all {group.world_size} ranks hold the same adapter (sha256 {checksum[:12]})")
 
