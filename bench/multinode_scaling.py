@@ -146,7 +146,7 @@ def main() -> None:
             if not gpus:
                 ratio = seconds[f"1 process, {cores} threads"] / seconds[label]
                 report.setdefault("vs_one_process_all_cores", {})[label] = ratio
-                print(f"  {label} vs 1 process on all {cores} cores (the strongest baseline): {ratio:.2f}x")
+                print(f"  {label} vs 1 process using all {cores} cores: {ratio:.2f}x")
     print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {cores} cores")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
