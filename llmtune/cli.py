@@ -68,30 +68,49 @@ def prepare(recipe: Path = RecipeArg, overrides: list[str] = OverridesArg) -> No
     _call(go)
 
 
-@app.command(epilog="Example: `llmtune train recipes/demo-cpu.yaml --resume` or `llmtune train RECIPE --nproc 2`")
+@app.command(epilog="Example: `llmtune train recipes/demo-cpu.yaml --resume`, `llmtune train RECIPE --nproc 2`, or on "
+                    "each of two machines `llmtune train RECIPE --nnodes 2 --node-rank R --master-addr NODE0 --nproc 8` "
+                    "(docs/distributed.md)")
 def train(
     recipe: Path = RecipeArg,
     overrides: list[str] = OverridesArg,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes to train on (one per GPU; CPU ranks share the cores), via accelerate launch."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes to train on per machine (one per GPU; CPU ranks share the cores), via accelerate launch."),
     accelerate_config: str = typer.Option(None, "--accelerate-config", help="accelerate config file, or ddp/fsdp/fsdp-qlora/zero2/zero3 (recipes/accelerate/)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run; start `llmtune train` on each with its own --node-rank."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank, 0..nnodes-1; node 0 hosts the rendezvous."),
+    master_addr: str = typer.Option(None, "--master-addr", help="Address of node 0 that every node can reach (needed with --nnodes > 1)."),
+    master_port: int = typer.Option(29500, "--master-port", help="TCP port on node 0 for the rendezvous."),
+    rdzv_timeout: float = typer.Option(300.0, "--rdzv-timeout", help="Seconds the nodes wait for each other before failing."),
 ) -> None:
-    """Fine-tune (LoRA or QLoRA) on data prepared by `llmtune prepare` (run it first)."""
+    """Fine-tune (LoRA or QLoRA) on data prepared by `llmtune prepare` (on several processes or machines,
+    rank 0 prepares it if that has not been done)."""
+    import os
+
     from llmtune.config import save_resolved
     from llmtune.data.prepare import PreparedData
     from llmtune.train.sft import train as train_stage
 
     def go():
         r = _recipe(recipe, overrides)
-        if not (r.run_dir / "data" / "prepared.json").exists():
-            raise FileNotFoundError(f"no prepared data in {r.run_dir / 'data'}; run `llmtune prepare {recipe}` first")
-        if nproc > 1 or accelerate_config:
+        if nproc > 1 or accelerate_config or nnodes > 1:
+            from llmtune.distributed import NodeSpec
             from llmtune.launch import launch_training
 
-            rc = launch_training(recipe, overrides or [], nproc, accelerate_config, resume)
+            node = NodeSpec(nnodes, node_rank, master_addr or "", master_port, nproc)
+            node.validate()
+            rc = launch_training(recipe, overrides or [], nproc, accelerate_config, resume,
+                                 node=node if nnodes > 1 else None, rdzv_timeout=rdzv_timeout)
             if rc:
                 raise typer.Exit(rc)
             return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of a run that accelerate/torchrun launched
+            from llmtune.run import train_on_ranks
+
+            train_on_ranks(r, resume=resume)
+            return
+        if not (r.run_dir / "data" / "prepared.json").exists():
+            raise FileNotFoundError(f"no prepared data in {r.run_dir / 'data'}; run `llmtune prepare {recipe}` first")
         save_resolved(r, r.run_dir)
         train_stage(r, PreparedData.load(r.run_dir), resume=resume)
 

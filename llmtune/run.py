@@ -52,3 +52,41 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> RunSummary:
     report = write_run_report(recipe)
     console.print(f"[bold green]done[/]: run directory {run_dir.resolve()} (report: {report})")
     return RunSummary(run_dir, list(recipe.stages), final_loss, base_loss)
+
+
+def prepare_once(recipe: Recipe, group):
+    """Prepared data for a run on several ranks: global rank 0 prepares it unless `llmtune prepare`
+    already did, the others wait, and every rank must then read the same splits."""
+    from llmtune.data.prepare import PreparedData, prepare
+    from llmtune.distributed import DistributedError
+
+    data_dir = recipe.run_dir / "data"
+    failure = None
+    if group.is_main and not (data_dir / "prepared.json").exists():
+        console.print(f"rank 0: preparing the data once for all {group.world_size} ranks (the others wait)")
+        try:
+            prepare(recipe)
+        except Exception as exc:  # noqa: BLE001 (the other ranks must not wait for data that will never come)
+            failure = f"{type(exc).__name__}: {exc}"
+    failure = group.gather(failure)[0]
+    if failure:
+        raise DistributedError(f"rank 0 could not prepare the data: {failure}")
+    seen = PreparedData.load(recipe.run_dir).fingerprint() if (data_dir / "prepared.json").exists() else "none"
+    group.agree(f"the prepared data in {data_dir}", seen,
+                hint="output.dir must be on storage every node shares (or run `llmtune prepare` on every node "
+                     "with the same data before training)")
+    return PreparedData.load(recipe.run_dir)
+
+
+def train_on_ranks(recipe: Recipe, resume: bool = False):
+    """The train stage as one rank of a multi-process or multi-node run (launched by accelerate,
+    torchrun or SLURM): join the ranks, check they run one recipe, prepare the data once, train."""
+    from llmtune.distributed import join_group
+    from llmtune.models import device_type
+    from llmtune.train.sft import train
+
+    group = join_group(cpu=device_type() == "cpu")
+    group.check_recipe(recipe)
+    if group.is_main:
+        save_resolved(recipe, recipe.run_dir)
+    return train(recipe, prepare_once(recipe, group), resume=resume)

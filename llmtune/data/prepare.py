@@ -97,6 +97,18 @@ class PreparedData:
             messages = json.loads(f.readline() or "{}").get("messages", [])
         return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
 
+    def fingerprint(self) -> str:
+        """sha256 of what training reads (both splits and the template): equal on every node that sees
+        the same prepared data."""
+        import hashlib
+
+        digest = hashlib.sha256(self.chat_template.encode())
+        for path in (self.train_jsonl, self.val_jsonl):
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
+
     def save(self) -> None:
         d = asdict(self)
         for k, v in d.items():

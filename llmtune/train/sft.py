@@ -18,6 +18,7 @@ from pathlib import Path
 from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.prepare import PreparedData
+from llmtune.distributed import DistributedError, RankGroup, join_group
 from llmtune.storage import ensure_writable
 from llmtune.models import load_base_model, load_tokenizer, placement_for, resolve_base
 
@@ -73,14 +74,48 @@ def memory_for_training(device: str) -> int:
     return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def resolve_checkpointing(recipe: Recipe, device: str) -> tuple[bool, str]:
-    """training.gradient_checkpointing as a bool, and how it was decided (printed at start)."""
+def resolve_checkpointing(recipe: Recipe, device: str, group: RankGroup | None = None) -> tuple[bool, str]:
+    """training.gradient_checkpointing as a bool, and how it was decided (printed at start). Across
+    ranks the smallest memory decides, so every rank (every node, however equipped) decides the same."""
     setting = recipe.training.gradient_checkpointing
     if setting != "auto":
         return bool(setting), "on" if setting else "off"
     from llmtune.estimate.memory import checkpointing_decision
 
-    return checkpointing_decision(recipe, "cuda" if device == "cuda" else "cpu", memory_for_training(device))
+    memory = min((group or RankGroup()).gather(memory_for_training(device)))
+    return checkpointing_decision(recipe, "cuda" if device == "cuda" else "cpu", memory)
+
+
+def trainable_checksum(model) -> str:
+    """sha256 over every trainable parameter, in name order: equal on every rank when DDP kept them in sync."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_ranks_in_sync(trainer, group: RankGroup, run_dir: Path) -> None:
+    """After training on several ranks: every rank holds the same adapter (DDP, ZeRO-1/2), recorded in
+    ranks.json by rank 0; a rank that drifted is an error. Sharded engines hold different shards by design."""
+    import json
+
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    sharded = trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+    checksum = None if sharded else trainable_checksum(trainer.model)
+    ranks = group.gather({"rank": group.rank, "node": group.node_rank, "host": group.host, "adapter_sha256": checksum})
+    identical = None if sharded else len({r["adapter_sha256"] for r in ranks}) == 1
+    if group.is_main:
+        (run_dir / "ranks.json").write_text(json.dumps(
+            {"world_size": group.world_size, "sharded": sharded, "identical": identical, "ranks": ranks}, indent=2))
+    if identical is False:
+        odd = [f"rank {r['rank']} on node {r['node']} ({r['host']})" for r in ranks
+               if r["adapter_sha256"] != ranks[0]["adapter_sha256"]]
+        raise DistributedError(f"the trained adapter differs between ranks ({', '.join(odd)} vs rank 0); see {run_dir / 'ranks.json'}")
+    if identical:
+        console.print(f"  all {group.world_size} ranks hold the same adapter (sha256 {checksum[:12]})")
 
 
 def packing_is_isolated(model) -> bool:
@@ -114,7 +149,8 @@ def _make_trainer_class(base=None):
 
         The Trainer writes a checkpoint file by file; a kill in between leaves a directory that
         `get_last_checkpoint` would pick up. Here it is written under `.staging/` and renamed
-        into place once every file (weights, optimizer, RNG, trainer state) is on disk.
+        into place once every file (weights, optimizer, RNG, trainer state) is on disk, from every
+        rank on every node: only global rank 0 renames, after all ranks have synced their files.
         """
 
         _staging: str | None = None
@@ -132,13 +168,15 @@ def _make_trainer_class(base=None):
                 super()._save_checkpoint(model, trial)
             finally:
                 staging, self._staging = self._staging, None
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            # Every rank flushes what it wrote (its RNG state, FSDP shards) before rank 0 may publish, so on
+            # shared storage no node can see a named checkpoint with a file still in flight.
+            for root, _, files in os.walk(os.path.join(staging, name)):
+                for fname in files:
+                    with open(os.path.join(root, fname), "rb") as f:
+                        os.fsync(f.fileno())
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-                for root, _, files in os.walk(os.path.join(staging, name)):
-                    for fname in files:
-                        with open(os.path.join(root, fname), "rb") as f:
-                            os.fsync(f.fileno())
                 target = os.path.join(final_parent, name)
                 if os.path.exists(target):  # re-saving a step after resume
                     shutil.rmtree(target)
@@ -170,21 +208,29 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
 
-    last_ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    # 1. Device, dtype, threads: fp32 on CPUs (no native bf16), bf16 on GPUs that have it. Launched on
+    # several ranks: join them (the Trainer reuses the process group) and check they run one recipe.
+    where = placement_for(recipe)
+    device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
+    group = join_group(cpu=device == "cpu")
+    group.check_recipe(recipe)
+    threads = configure_threads(tcfg.num_threads)
+    torch.manual_seed(tcfg.seed)
+
+    # Every rank resumes from the same complete checkpoint, and only rank 0 clears a fresh run's files.
+    last_ckpt = group.agree(
+        f"the last complete checkpoint in {ckpt_dir}", get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None,
+        hint="output.dir must be on storage that every node shares",
+    )
     if resume and last_ckpt is None:
         console.print(f"[yellow]--resume[/]: no complete checkpoint in {ckpt_dir}; starting from step 0")
-    if not resume:
+    if not resume and group.is_main:
         if last_ckpt is not None:
             console.print(f"starting fresh: removing earlier checkpoints in {ckpt_dir} (use --resume to continue from them)")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
-
-    # 1. Device, dtype, threads: fp32 on CPUs (no native bf16), bf16 on GPUs that have it.
-    where = placement_for(recipe)
-    device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
-    threads = configure_threads(tcfg.num_threads)
-    torch.manual_seed(tcfg.seed)
+    group.barrier()
 
     # 2. Base model (4-bit NF4 for QLoRA) and tokenizer with the template the data was rendered with.
     tokenizer = load_tokenizer(resolve_base(cfg.model.base, cfg.model.revision), cfg.model.revision)
@@ -197,7 +243,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         packing = False
     # Packed micro-batches arrive as one flattened row; attend within each conversation, not over all of it.
     packed_attention = packing and use_packed_attention(model)
-    checkpointing, checkpointing_why = resolve_checkpointing(recipe, device)
+    checkpointing, checkpointing_why = resolve_checkpointing(recipe, device, group)
     if qlora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         model.enable_input_require_grads()  # FSDP flattens same-dtype params: no fp32 upcast of norms/embeddings
     elif qlora:
@@ -216,6 +262,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     trainable, total = model.get_nb_trainable_parameters()
     # Adapter + AdamW moments in fp32 per checkpoint, kept save_total_limit (+1 while rotating) times.
     ensure_writable(ckpt_dir, (tcfg.save_total_limit + 2) * trainable * 4 * 4 + 2**20, "checkpoints and the adapter")
+    if group.distributed:
+        console.print(f"[bold]train[/]: {group.name}, {group.world_size} ranks in all")
     console.print(
         f"[bold]train[/]: {cfg.model.base} on {device} ({threads} threads), {str(dtype).removeprefix('torch.')}"
         f"{', QLoRA NF4 base, compute ' + str(compute_dtype).removeprefix('torch.') if qlora else ', LoRA'}; "
@@ -324,7 +372,11 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         tokenizer.save_pretrained(str(staging))
         shutil.rmtree(adapter_dir, ignore_errors=True)
         staging.rename(adapter_dir)
-    curve = plot_loss_curve(read_metrics(metrics_path), run_dir / "loss_curve.png")
+    curve = run_dir / "loss_curve.png"
+    if trainer.args.should_save:
+        plot_loss_curve(read_metrics(metrics_path), curve)
+    if group.distributed:
+        check_ranks_in_sync(trainer, group, run_dir)
     console.print(
         f"  trained {trainer.state.global_step} steps in {seconds:.0f}s"
         + (f"; final eval loss {final_eval:.4f}" if final_eval is not None else "")
