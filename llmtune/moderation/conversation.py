@@ -80,12 +80,12 @@ def _from_classifier(e: Evidence) -> bool:
 
 def _first_pair(facts: list[Evidence], signals: list[Evidence]) -> list[Evidence] | None:
     """The first (fact, signal) that blocks. Within one text the classifier has already judged
-    the text as a whole (its minor_sexual and real_person_sexual heads), so a fact only the
-    classifier saw pairs with a signal from another text; a fact in the text's words pairs with
-    any signal."""
+    the text as a whole (its minor_sexual and real_person_sexual heads), so where either side is
+    only the classifier's (a signal head), it pairs with the other side from another text; a
+    fact and a signal both in the text's words pair anywhere (the rules judge those)."""
     for fact in facts:
         for signal in signals:
-            if _from_classifier(fact) and fact.where == signal.where:
+            if (_from_classifier(fact) or _from_classifier(signal)) and fact.where == signal.where:
                 continue
             return [fact, signal]
     return None

@@ -335,11 +335,13 @@ def _real_people(view: str, raw: str, where: str, role: str, characters: set[str
 # in Polish) then stop reading as that language's cues in English text.
 _STOPWORDS = {
     "fr": "le la les un une des du de et est elle il je tu nous vous avec pour dans sur pas qui que ans mon ma ses sa son c'est j'ai écris écrire fais raconte",
-    "de": "der die das ein eine und ist sie er ich du nicht mit für auf bei jahre jahren alt mein meine wir ihr den dem schreib schreibe erzähl mach",
+    "de": "der die das ein eine und ist sie er ich du nicht mit für auf bei jahre jahren alt mein meine wir ihr den dem schreib schreibe erzähl mach "
+          "über einen einem einer aus von zum zur vom im ins ihn ihm ihre seine noch nach wird werden hat haben zwischen",
     "es": "el la los las un una y es ella él yo tú con para por en que años mi mis su del al pero muy escribe haz cuenta",
     "pt": "o a os as um uma e é ela ele eu você com para por em que anos meu minha seu sua do da não escreva escreve faz conta",
     "it": "il lo la gli le un una e è lei lui io tu con per in che anni mio mia suo sua del della non scrivi fai racconta",
-    "pl": "i w z na że się jest ona on ja ty do nie lat lata ma jak to jej jego mój moja o napisz zrób opowiadanie opowiedz",
+    "pl": "i w z na że się jest ona on ja ty do nie lat lata ma jak to jej jego mój moja o napisz zrób opowiadanie opowiedz "
+          "ze dla przez który która które oraz przy pod nad między jestem bardzo tylko",
     "nl": "de het een en is zij hij ik jij met voor op in dat jaar jarige mijn haar zijn niet van schrijf maak vertel",
     "sv": "och är hon han jag du med för på i att år min mitt inte en ett av det skriv gör berätta",
     "tr": "ve bir bu ben sen o ile için değil yaşında yaş çok da de mi",
@@ -356,11 +358,17 @@ def _stopword_sets() -> dict[str, frozenset[str]]:
 _TOKEN = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
+# Letters that English never uses and a language's words often do: short texts ("erotyczny RP z
+# uczennicą z ósmej klasy") may hold no function word at all.
+_LETTERS = {"de": "äöüß", "pl": "ąęłńśźżć", "pt": "ãõ", "es": "ñ¿¡", "tr": "ğışİ", "sv": "åäö", "vi": "ơưđạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹ",
+            "fr": "œàèùâêîôûëïüÿç", "it": "àèéìòù", "nl": "ĳ"}
+
+
 def _shows_language(code: str, words: set[str], view: str) -> bool:
     stop = _stopword_sets().get(code)
     if stop is None:
         return True  # en_extra, and languages with a script of their own (their literals need it anyway)
-    return bool(words & stop)
+    return bool(words & stop) or any(ch in view for ch in _LETTERS.get(code, ""))
 
 
 def _number_ok(lang, m: re.Match) -> bool:
