@@ -58,8 +58,8 @@ def test_adapter_flags_unseen_phrasings(screener, category, text):
 
 @pytest.mark.parametrize("text", ADAPTER_NEGATIVES)
 def test_adapter_lets_unseen_benign_phrasings_through(screener, text):
-    scores = adapter_only(screener, text)
-    assert all(scores[c] < screener.thresholds[c] for c in scores), scores
+    scores = adapter_only(screener, text)  # the blocking heads (signal heads never block alone)
+    assert all(scores[c] < screener.thresholds[c] for c in screener.thresholds), scores
 
 
 def test_fast_encoder_matches_transformers_plus_peft():
@@ -92,7 +92,7 @@ def test_shipped_adapter_is_small_and_carries_its_first_stage():
     size = sum(f.stat().st_size for f in adapter_dir.iterdir())
     assert size < 5_000_000
     meta = json.loads((adapter_dir / "moderation.json").read_text())
-    assert set(HARD_FLOOR) <= set(meta["thresholds"]) and meta["calibration"]["per_category"]
+    assert set(HARD_FLOOR) <= set(meta["thresholds"]) and meta["calibration"]["per_head"]
     assert (adapter_dir / "prefilter.npz").exists(), "ship the prefilter.npz that `llmtune moderation train` wrote beside the adapter"
     assert meta["prefilter"]["calibration_blocked"] > 0
 

@@ -45,6 +45,9 @@ _RISK_PATTERNS = (
 )
 
 
+_MINOR_KEYS = ("age_patterns", "minor_terms", "school_patterns", "appearance_patterns", "ageplay_terms")
+
+
 @lru_cache(maxsize=1)
 def _risk_scanner():
     """One RE2 automaton over the relaxed union of every cue a blocking rule or fact needs
@@ -71,10 +74,10 @@ def could_block(rules: R.RuleSet, texts: list[str]) -> bool:
             return True
         if any(p.search(view) for cat in rules.platform for p in cat.compiled):
             return True
-        hits = index().candidates(view)
-        if any(key in ("age_patterns", "minor_terms", "school_patterns", "appearance_patterns", "ageplay_terms")
-               for _, key in hits):
-            return True
+        idx = index()
+        for (li, key), entries in idx.candidates(view).items():  # candidates by literal; confirm by regex
+            if key in _MINOR_KEYS and any(idx.langs[li].patterns[key][i].search(view) for i in entries):
+                return True
     return False
 
 

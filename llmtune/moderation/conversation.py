@@ -83,6 +83,8 @@ def _first_pair(facts: list[Evidence], signals: list[Evidence]) -> list[Evidence
     the text as a whole (its minor_sexual and real_person_sexual heads), so where either side is
     only the classifier's (a signal head), it pairs with the other side from another text; a
     fact and a signal both in the text's words pair anywhere (the rules judge those)."""
+    # Facts and signals in the text's words explain a verdict better than a classifier score.
+    facts, signals = sorted(facts, key=_from_classifier), sorted(signals, key=_from_classifier)
     for fact in facts:
         for signal in signals:
             if (_from_classifier(fact) or _from_classifier(signal)) and fact.where == signal.where:

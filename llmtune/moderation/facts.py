@@ -101,6 +101,7 @@ _FRAMING = _rx(
     r"^(?:underaged?|under[\s-]age|under[\s-]+.*|not (?:yet )?(?:of age|an adult|legal)|below the age.*|(?:almost|nearly|not yet|not quite|soon to be|about to (?:turn|be)|turning|turns) 18"
     r"|age[\s-]?play\w*|age[\s-]regress\w*|agere\w*|little[\s-]?space|ddlg|mdlb|mdlg|ddlb|abdl|cgl|(?:has not|hasn't|have not|not yet|before|never) .*puberty|pre-?pubert\w*|prepubescent|pre-pubescent)$"
 )
+_NAME_INSIDE = re.compile(r"\b([A-Z][a-z'’-]{1,20})\b")
 _NAME_BEFORE = re.compile(r"\b([A-Z][a-z'’-]{1,20})(?:\s+[A-Z][a-z'’-]{1,20})?\s*(?:\(|,|\bis\b|\bwas\b|'s\b)?\s*$")
 
 
@@ -478,6 +479,8 @@ def extract_facts(text: str, where: str, role: str, rules: R.RuleSet | None = No
             seen_minor.add(key)
             subject = ""
             m = _NAME_BEFORE.search(text[max(0, cue.span[0] - 40): cue.span[0]]) if first else None
+            if m is None and first:  # "her daughter Tilly, 12": the name inside the cue
+                m = _NAME_INSIDE.search(text[cue.span[0]: cue.span[1]])
             if m:
                 subject = lexicon.name_key(m.group(1))
             facts.minor.append(Evidence("minor", detail, cue.evidence, where, scope, subject))

@@ -152,6 +152,9 @@ _AGE_PATTERNS = [
     _rx(r"\b(?:stated|said|described|written|established|confirmed|shown|depicted|portrayed|revealed|canonically|canon)\s+(?:to be|as)?\s*(?:only\s+|just\s+)?(\d{1,2})\b(?![\d:.])"),
     # Mia (15), (15f), 15/f, f15
     _rx(r"\b[a-z]+\s*\((\d{1,2})\s*(?:[/,]?\s*[fmx])?\)"),
+    # "her daughter Tilly, 12," / "his son Arlo, 9": a relative named, the age set off by commas
+    _rx(r"\b(?:daughters?|sons?|kids?|child|sisters?|brothers?|nieces?|nephews?|granddaughters?|grandsons?|step(?:daughter|son)s?|twins?)"
+        r"\s+(?:named\s+|called\s+)?[a-z][a-z'-]+,\s*(\d{1,2})\b(?!\s*(?:%|percent|years? ago))"),
     _rx(r"(?<![\w.])(\d{1,2})\s*/\s*[fm]\b|\b[fm]\s*/\s*(\d{1,2})\b|\((\d{1,2})\s*[fm]\)"),
     # her 15th birthday, sweet 16
     _rx(r"\b(\d{1,2})(?:st|nd|rd|th)\s+birthday\b"),
@@ -424,7 +427,10 @@ _WORD_AFTER = re.compile(r"[a-z]+")
 
 
 def _thing_follows(text: str, end: int) -> bool:
-    for word in _WORD_AFTER.findall(text[end: end + 48])[:3]:
+    """A thing named right after the age ("a 16-year-old Land Rover", "12-year-old single malt"):
+    within the same phrase, so "16/f, likes horses" stays an age."""
+    window = re.split(r"[,.;:!?()\n]", text[end: end + 48], maxsplit=1)[0]
+    for word in _WORD_AFTER.findall(window)[:3]:
         if word in _PEOPLE:
             return False
         if word in _THINGS:
@@ -452,7 +458,7 @@ def _minor_cues(text: str) -> tuple[list[_Cue], bool]:
                 if any(1 <= n <= 12 for n in numbers) or (pattern is _UK_YEAR_PATTERN and any(n <= 13 for n in numbers)):
                     cues.append(_Cue(m.span(), "grade", m.group(0).strip()))
                 continue
-            if _thing_follows(text, m.end()) or _thing_precedes(text, m.start()):
+            if not m.group(0).rstrip().endswith(")") and (_thing_follows(text, m.end()) or _thing_precedes(text, m.start())):
                 continue  # "a 16-year-old Land Rover", "a vintage 15-year-old tawny port"
             young = [n for n in numbers if 1 <= n < ADULT_AGE]
             if young:
