@@ -110,7 +110,7 @@ def perplexities(model_dir: str, prompts_: list[list[dict]], replies: list[str])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for messages, reply in zip(prompts_, replies):
@@ -231,7 +231,7 @@ def main() -> None:
     print(f"\nmodel {args.model}; {r['replies_per_server']} prompts x 2 servers; {args.tokens}-token replies at temperature 1.0; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} cores)")
     print(f"detection at p < {THRESHOLD:g} (binomial FPR <= {THRESHOLD:g}):")
-    print(f"  200 tokens: TPR {r['tpr_200']:.3f} (target >= 0.95); after 10% substitutions {r['tpr_200_sub10']:.3f}, "
+    print(f"  {args.tokens} tokens: TPR {r['tpr_200']:.3f} (target >= 0.95); after 10% substitutions {r['tpr_200_sub10']:.3f}, "
           f"after 10% deletions {r['tpr_200_del10']:.3f}; median p {r['median_p_marked_200']:.2g}")
     print(f"   50 tokens: TPR {r['tpr_50']:.3f}; after 10% substitutions {r['tpr_50_sub10']:.3f}, after 10% deletions {r['tpr_50_del10']:.3f}")
     fh = "n/a" if r["fpr_human"] is None else f"{r['fpr_human']:.3f}"
