@@ -192,3 +192,15 @@ def test_detect_cli_text_and_jsonl_keep_every_other_field(tmp_path, monkeypatch,
     assert r.returncode == 0 and json.loads(r.stdout)["watermarked"], r.stderr
     r = run_cli("watermark", "detect", model, "--text", marked, "--store", str(tmp_path / "empty.db"))
     assert r.returncode == 2 and "no watermark secret" in r.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_replicas_asking_at_once_agree_on_one_secret(backend, tmp_path, request):
+    from concurrent.futures import ThreadPoolExecutor
+
+    location = str(tmp_path / "llmtune.db") if backend == "sqlite" else request.getfixturevalue("postgres").new_database()
+    open_store(location).close()  # migrated once; then eight "replicas" start together
+    stores = [open_store(location) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        secrets = set(pool.map(lambda s: s.deployment_secret(SECRET_NAME), stores))
+    assert len(secrets) == 1
