@@ -184,6 +184,8 @@ def serve_gateway(cfg: ServeConfig, upstream: str) -> None:
     with _stop_on_signals(box):
         store, limiter = open_gateway_state(cfg)
         screener = load_screener(cfg.moderation)
+        console.print("  watermark: reported as none (this gateway cannot tell whether its upstream vLLM watermarks; "
+                      "docs/serving.md#inside-vllm-and-async-scheduling)")
         console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 in front of {upstream} (Ctrl-C stops it)")
         _run_gateway(cfg, upstream.rstrip("/"), store, limiter, screener, box,
                      cfg.upstream_api_key or os.environ.get("LLMTUNE_UPSTREAM_KEY"))
