@@ -71,10 +71,12 @@ def human_replies() -> list[str]:
     return texts
 
 
-def complete(client: OpenAI, messages: list[dict], tokens: int, seed: int) -> tuple[str, int]:
+def complete(client: OpenAI, messages: list[dict], tokens: int, seed: int) -> tuple[str | None, int]:
+    """(the reply, completion tokens); the reply is None when the output screen withheld it."""
     r = client.chat.completions.create(model="m", messages=messages, max_tokens=tokens, temperature=1.0, seed=seed,
                                        extra_body={"min_tokens": tokens})
-    return r.choices[0].message.content or "", r.usage.completion_tokens
+    blocked = r.choices[0].finish_reason == "content_filter"
+    return None if blocked else (r.choices[0].message.content or ""), r.usage.completion_tokens
 
 
 def generate(clients: dict[str, OpenAI], todo: list[list[dict]], args) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
@@ -90,7 +92,7 @@ def generate(clients: dict[str, OpenAI], todo: list[list[dict]], args) -> tuple[
             with ThreadPoolExecutor(args.concurrency) as pool:
                 done = list(pool.map(lambda i: complete(clients[name], batch[i], args.tokens, start + i), range(len(batch))))
             rates[name].append(sum(n for _, n in done) / (time.perf_counter() - t0))
-            replies[name] += [text for text, _ in done]
+            replies[name] += [text for text, _ in done]  # None where the output screen withheld the reply
         print(f"  {start + len(batch)}/{len(todo)} prompts: " + ", ".join(f"{n} {rates[n][-1]:.1f} tok/s" for n in clients), flush=True)
     return replies, rates
 
@@ -165,13 +167,17 @@ def main() -> None:
 
     model = resolve_base(args.model)
     load_before = os.getloadavg()
-    todo = prompts(args.replies)
+    screener = load_screener(ServeConfig().moderation)
+    candidates = prompts(args.replies)
+    # Prompts the gateway's input screen refuses would be 400s: left out, and counted.
+    todo = [p for p in candidates if screener.conversation_state(p).decision().allowed]
+    refused_prompts = len(candidates) - len(todo)
+    print(f"{len(todo)} prompts ({refused_prompts} of {len(candidates)} refused by the input screen, left out)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ServeConfig(store=f"{tmp}/llmtune.db", rate_limit=RateLimit(requests_per_minute=100_000, burst=1000))
         keys = open_store(cfg.store)
         api_key, _ = keys.add("bench", AgeVerification("bench", "bench", "2026-12-01"))
         key = deployment_key(keys, cfg.watermark.gamma)
-        screener = load_screener(cfg.moderation)
         common = dict(model=model, served_name="m", dtype="float32", max_model_len=1024)
         marked_cfg = VLLMConfig(**common, watermark=key, watermark_delta=cfg.watermark.delta)
         plain_cfg = VLLMConfig(**common)
@@ -191,7 +197,7 @@ def main() -> None:
     detect = Detector(DetectRequest(model, key, THRESHOLD))
     tokenizer = detect.tokenizer
     rng = random.Random(0)
-    pool = [w for r in replies["plain"] for w in r.split()] or ["the"]
+    pool = [w for r in replies["plain"] if r for w in r.split()] or ["the"]
 
     def tpr(texts: list[str]) -> float:
         return statistics.mean(detect(t).p_value < THRESHOLD for t in texts)
@@ -199,10 +205,14 @@ def main() -> None:
     def first_tokens(text: str, n: int) -> str:
         return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids[:n])
 
-    marked, plain = replies["watermarked"], replies["plain"]
+    withheld = {name: sum(t is None for t in texts) for name, texts in replies.items()}
+    kept = [i for i in range(len(todo)) if replies["watermarked"][i] is not None and replies["plain"][i] is not None]
+    todo = [todo[i] for i in kept]
+    marked, plain = [replies["watermarked"][i] for i in kept], [replies["plain"][i] for i in kept]
     humans = human_replies()
     result = {
-        "model": args.model, "replies_per_server": len(marked), "tokens": args.tokens,
+        "model": args.model, "replies_per_server": len(marked), "tokens": args.tokens, "refused_prompts": refused_prompts,
+        "withheld_replies": withheld,
         "tpr_200": tpr(marked),
         "tpr_50": tpr([first_tokens(t, 50) for t in marked]),
         "tpr_200_sub10": tpr([attack(t, 0.10, rng, pool, "substitute") for t in marked]),
@@ -228,7 +238,9 @@ def main() -> None:
     result["load_avg_before"], result["load_avg_after"] = load_before, load_after
 
     r = result
-    print(f"\nmodel {args.model}; {r['replies_per_server']} prompts x 2 servers; {args.tokens}-token replies at temperature 1.0; "
+    print(f"\nprompts refused by the input screen: {refused_prompts}; replies withheld by the output screen: {withheld} "
+          "(left out of every number below, with the other server's reply to the same prompt)")
+    print(f"model {args.model}; {r['replies_per_server']} prompts x 2 servers; {args.tokens}-token replies at temperature 1.0; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} cores)")
     print(f"detection at p < {THRESHOLD:g} (binomial FPR <= {THRESHOLD:g}):")
     print(f"  {args.tokens} tokens: TPR {r['tpr_200']:.3f} (target >= 0.95); after 10% substitutions {r['tpr_200_sub10']:.3f}, "

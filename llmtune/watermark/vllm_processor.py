@@ -42,6 +42,8 @@ class KGWWatermark(LogitsProcessor):
         self.device = device
         vocab = vllm_config.model_config.get_vocab_size() if vllm_config is not None else 0
         self._tables(vocab)
+        self._z = torch.empty((0, 0), dtype=torch.int32, device=device)
+        self._green = torch.empty((0, 0), device=device)
         self.outputs: dict[int, list[int]] = {}  # batch index -> vLLM's own output-token list of that request
         self.placeholder_rows = 0
         self.marked_rows = 0
@@ -83,10 +85,18 @@ class KGWWatermark(LogitsProcessor):
             return logits
         if logits.shape[1] > self.vocab:
             self._tables(logits.shape[1])
-        index = torch.tensor(rows, device=logits.device)
+        n, width = len(rows), logits.shape[1]
+        if self._z.shape[0] < n or self._z.shape[1] != width or self._z.device != logits.device:
+            # Reused buffers: the per-step cost is three passes over (rows x vocab), no allocation.
+            self._z = torch.empty((n, width), dtype=torch.int32, device=logits.device)
+            self._green = torch.empty((n, width), dtype=logits.dtype, device=logits.device)
+        z, green = self._z[:n], self._green[:n]
         p = torch.tensor(prev, device=logits.device)
-        b, c = self.b[: logits.shape[1]], self.c[: logits.shape[1]]
-        green = (self.a[p].unsqueeze(1) * b + c) < self.key.threshold  # int32 wrap-around, as scheme.py
-        logits.index_add_(0, index, green.to(logits.dtype).mul_(self.delta))
-        self.marked_rows += len(rows)
+        torch.addcmul(self.c[:width], self.a[p].unsqueeze(1), self.b[:width], out=z)  # int32 wrap-around, as scheme.py
+        torch.lt(z, self.key.threshold, out=green)  # 1.0 where green
+        if rows == list(range(n)) and n == logits.shape[0]:
+            logits.add_(green, alpha=self.delta)
+        else:
+            logits.index_add_(0, torch.tensor(rows, device=logits.device), green, alpha=self.delta)
+        self.marked_rows += n
         return logits
