@@ -141,6 +141,31 @@ def eval_metrics(replies: list[str]) -> dict[str, float]:
     }
 
 
+def processor_ms(vocab: int, rows: int, steps: int = 300) -> float:
+    """The processor's own time per decoding step (apply on rows x vocab logits), one thread, in this process."""
+    import os
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from llmtune.watermark.vllm_processor import KGWWatermark
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # vLLM's CPU worker runs its OpenMP threads on its own core(s)
+    os.environ.setdefault("LLMTUNE_WATERMARK_KEY", "00" * 32)
+    proc = KGWWatermark(SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: vocab)), torch.device("cpu"), False)
+    outputs = [[i + 5] for i in range(rows)]
+    proc.update_state(BatchUpdate(rows, [], [(i, None, [1], outputs[i]) for i in range(rows)], []))
+    logits = torch.randn(rows, vocab)
+    proc.apply(logits)
+    start = time.perf_counter()
+    for _ in range(steps):
+        proc.apply(logits)
+    torch.set_num_threads(threads)
+    return (time.perf_counter() - start) / steps * 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
@@ -149,7 +174,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    ap.add_argument("--processor-only", action="store_true", help="only the processor's time per step (no servers)")
     args = ap.parse_args()
+    if args.processor_only:
+        import json as _json
+
+        from llmtune.models import resolve_base
+
+        vocab = _json.loads((Path(resolve_base(args.model)) / "config.json").read_text())["vocab_size"]
+        print(f"processor apply: {processor_ms(vocab, args.concurrency):.2f} ms per step at {args.concurrency} x {vocab} "
+              "(one thread)")
+        return
 
     import os
 
@@ -235,6 +270,10 @@ def main() -> None:
     result["tok_s_marked"], result["tok_s_plain"] = statistics.mean(rates["watermarked"]), statistics.mean(rates["plain"])
     result["throughput_ratio"] = result["tok_s_marked"] / result["tok_s_plain"]
     result["rounds"] = len(rates["plain"])
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    result["processor_ms_per_step"] = processor_ms(vocab, args.concurrency)
+    # A decoding step of the plain server at this concurrency: one token for each of the concurrent requests.
+    result["step_ms_plain"] = args.concurrency / result["tok_s_plain"] * 1000
     result["load_avg_before"], result["load_avg_after"] = load_before, load_after
 
     r = result
@@ -256,6 +295,8 @@ def main() -> None:
     print(f"speed: gateway throughput at concurrency {args.concurrency} (mean of {r['rounds']} alternating rounds): "
           f"watermarked {r['tok_s_marked']:.1f} tok/s, plain {r['tok_s_plain']:.1f} tok/s -> ratio {r['throughput_ratio']:.3f} "
           "(target >= 0.95)")
+    print(f"  the processor alone: {r['processor_ms_per_step']:.2f} ms per step at {args.concurrency} x {vocab} (one thread), "
+          f"against a {r['step_ms_plain']:.0f} ms step of the plain server -> {r['processor_ms_per_step'] / r['step_ms_plain']:.1%}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
