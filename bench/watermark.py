@@ -141,6 +141,23 @@ def eval_metrics(replies: list[str]) -> dict[str, float]:
     }
 
 
+def speed_rounds(gateways: dict[str, OpenAI], direct: dict[str, OpenAI], todo: list[list[dict]], args) -> dict:
+    """Throughput only: rounds of 2 x concurrency requests, the four paths in a rotating order."""
+    paths = [("gateway", n) for n in gateways] + [("direct", n) for n in direct]
+    rates: dict[str, list[float]] = {f"{kind} {name}": [] for kind, name in paths}
+    size = 2 * args.concurrency
+    for r in range(args.speed_rounds):
+        batch = [todo[(r * size + i) % len(todo)] for i in range(size)]
+        for kind, name in paths[r % 4:] + paths[:r % 4]:
+            client = (gateways if kind == "gateway" else direct)[name]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                done = list(pool.map(lambda i: complete(client, batch[i], args.tokens, 1000 + i), range(size)))
+            rates[f"{kind} {name}"].append(sum(n for _, n in done) / (time.perf_counter() - t0))
+        print(f"  speed round {r + 1}/{args.speed_rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+    return {k: statistics.mean(v) for k, v in rates.items()} | {"rounds": args.speed_rounds}
+
+
 def processor_ms(vocab: int, rows: int, steps: int = 300) -> float:
     """The processor's own time per decoding step (apply on rows x vocab logits), one thread, in this process."""
     import os
@@ -175,6 +192,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     ap.add_argument("--processor-only", action="store_true", help="only the processor's time per step (no servers)")
+    ap.add_argument("--speed-rounds", type=int, default=0,
+                    help="then this many more alternating throughput rounds per path, direct to vLLM and through the gateway")
     args = ap.parse_args()
     if args.processor_only:
         import json as _json
@@ -227,7 +246,20 @@ def main() -> None:
             for c in clients.values():  # warm up both paths
                 complete(c, todo[0], 16, 0)
             replies, rates = generate(clients, todo, args)
+            speed = None
+            if args.speed_rounds:
+                direct = {"watermarked": OpenAI(base_url=f"{v_marked.base_url}/v1", api_key=marked_cfg.api_key, max_retries=0),
+                          "plain": OpenAI(base_url=f"{v_plain.base_url}/v1", api_key=plain_cfg.api_key, max_retries=0)}
+                speed = speed_rounds(clients, direct, todo, args)
     load_after = os.getloadavg()
+    if speed:
+        print(f"\nspeed only ({speed['rounds']} rounds per path, rotating order), tok/s at concurrency {args.concurrency}:")
+        print(f"  through the gateway: watermarked {speed['gateway watermarked']:.1f}, plain {speed['gateway plain']:.1f} -> ratio "
+              f"{speed['gateway watermarked'] / speed['gateway plain']:.3f} (target >= 0.95)")
+        print(f"  direct to vLLM:      watermarked {speed['direct watermarked']:.1f}, plain {speed['direct plain']:.1f} -> ratio "
+              f"{speed['direct watermarked'] / speed['direct plain']:.3f}")
+        if args.replies <= 16:
+            return
 
     detect = Detector(DetectRequest(model, key, THRESHOLD))
     tokenizer = detect.tokenizer
