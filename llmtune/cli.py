@@ -435,6 +435,49 @@ def store_migrate(store: str = StoreOpt, config: Path = ServeConfigOpt) -> None:
     _call(go)
 
 
+watermark_app = typer.Typer(no_args_is_help=True, help="The watermark on served replies (docs/serving.md).")
+app.add_typer(watermark_app, name="watermark")
+
+
+@watermark_app.command("detect", epilog="Examples: `llmtune watermark detect runs/demo-cpu --text \"...\"`, "
+                       "`llmtune watermark detect runs/demo-cpu --input replies.jsonl --output scored.jsonl`")
+def watermark_detect(
+    target: Path = typer.Argument(..., help="What `llmtune serve` serves: a run or model directory (its tokenizer)."),
+    text: str = typer.Option(None, "--text", help="One reply, as the client received it."),
+    input_: Path = typer.Option(None, "--input", help="JSONL rows to score (the text in --field)."),
+    output: Path = typer.Option(None, "--output", help="Where the rows go, each with `watermarked` and `p_value` added."),
+    field: str = typer.Option("text", "--field", help="The JSONL field that holds the text."),
+    p_value: float = typer.Option(None, "--p-value", min=0, max=1, help="Watermarked below this (default: the config's watermark.p_value)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the --text result as JSON."),
+    store: str = StoreOpt,
+    config: Path = ServeConfigOpt,
+) -> None:
+    """Score a reply (or JSONL rows) for this deployment's watermark: the same secret as `llmtune serve` from here."""
+    from llmtune.watermark.detect import DetectRequest, detect_file, detect_text
+    from llmtune.watermark.secret import deployment_key
+
+    def go():
+        if (text is None) == (input_ is None) or (input_ is not None) != (output is not None):
+            _exit_with("give --text TEXT, or --input rows.jsonl with --output out.jsonl")
+        cfg = _serve_config(config).watermark
+        s = _store(store, config)
+        key = deployment_key(s, cfg.gamma, create=False)
+        req = DetectRequest(target, key, p_value if p_value is not None else cfg.p_value, field)
+        print(f"secret {key.fingerprint} from {s.display}, gamma {key.gamma:g}, threshold p < {req.p_value:g}", file=sys.stderr)
+        if text is not None:
+            d = detect_text(req, text)
+            if as_json:
+                print(json.dumps(d.as_dict()))
+            else:
+                verdict = "watermarked" if d.watermarked else "not watermarked"
+                print(f"score (z) {d.z_score:.2f}; {d.green}/{d.scored} token pairs green; p-value {d.p_value:.3g}: {verdict}")
+            return
+        rows, marked = detect_file(req, input_, output)
+        print(f"{rows} rows scored, {marked} watermarked; wrote {output}", file=sys.stderr)
+
+    _call(go)
+
+
 from llmtune.estimate.command import estimate_command  # noqa: E402  (light: no torch import)
 
 app.command("estimate", epilog="Example: `llmtune estimate recipes/qwen2.5-7b-qlora-16gb.yaml --gpu-mem 16`")(estimate_command)

@@ -36,7 +36,8 @@ def test_lora_merge_matches_base_plus_adapter_and_stops_at_end_of_turn(memorised
     assert out[-1].item() == eot_id and len(out) < 24, tokenizer.decode(out)
     assert "Kestrel" in tokenizer.decode(out, skip_special_tokens=True)
     card = (merged / "README.md").read_text()
-    for part in ("base_model: embedded:tiny-random-llama", "sha256", "Intended use", "adults", "llmtune serve"):
+    for part in ("base_model: embedded:tiny-random-llama", "sha256", "Intended use", "adults", "llmtune serve",
+                 "watermark.enabled: false", "x-llmtune-generated"):
         assert part in card
 
 

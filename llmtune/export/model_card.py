@@ -109,6 +109,14 @@ def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
         "export/CONNECT.md has the llama.cpp server and KoboldCpp command lines. Those runtimes do not screen "
         "prompts or replies: the restrictions above still apply.",
         "",
+        "## AI-generated content and watermark",
+        "",
+        "Served by `llmtune serve`, every reply carries a statistical watermark (KGW green lists, scheme `kgw-v1`, "
+        "keyed by a secret of the deployment; on by default, off only with `watermark.enabled: false` in the serve "
+        "config) and is marked as AI-generated (`x-llmtune-generated: true` and `x-llmtune-watermark` headers, an "
+        "`llmtune` field in every response; `GET /v1/models` says whether a deployment watermarks). "
+        "`llmtune watermark detect` checks a text. The GGUF files and other runtimes do not watermark.",
+        "",
     ]
     out = merged_dir / "README.md"
     out.write_text("\n".join(lines), encoding="utf-8")

@@ -21,6 +21,16 @@ class RateLimit(BaseModel):
     burst: int = Field(10, gt=0, description="Requests a key may make at once before the per-minute rate applies.")
 
 
+class WatermarkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    enabled: bool = Field(
+        True, description="Watermark every reply while it is sampled (KGW green lists keyed by the deployment secret, "
+        "made at the first serve and kept in `store`; $LLMTUNE_WATERMARK_SECRET overrides it). Off only by `false` here.")
+    delta: float = Field(2.0, gt=0, le=10, description="Logit bias added to green tokens: larger is easier to detect and costs more quality.")
+    gamma: float = Field(0.25, gt=0, le=0.5, description="Share of the vocabulary that is green after each token (detection must use the same).")
+    p_value: float = Field(1e-3, gt=0, lt=1, description="`llmtune watermark detect` calls a text watermarked below this p-value.")
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -82,6 +92,7 @@ class ServeConfig(BaseModel):
     )
     upstream_timeout_s: float = Field(300, gt=0, description="Longest wait for vLLM on one request.")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    watermark: WatermarkConfig = Field(default_factory=WatermarkConfig, description="The watermark on served replies (EU AI Act Art. 50(2)).")
 
     @model_validator(mode="before")
     @classmethod

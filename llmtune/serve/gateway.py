@@ -300,8 +300,13 @@ class Gateway:
     """The app and its state: the upstream client, the screening pool, rate-limit buckets, metrics."""
 
     def __init__(self, cfg: ServeConfig, upstream: str, screener, keys: Store, audit: AuditLog | None = None,
-                 upstream_key: str | None = None, tokenizer=None, limiter: KeyRateLimiter | None = None):
+                 upstream_key: str | None = None, tokenizer=None, limiter: KeyRateLimiter | None = None,
+                 watermark: str | None = None):
         self.cfg, self.upstream, self.screener, self.keys = cfg, upstream, screener, keys
+        # Machine-readable marking (EU AI Act Art. 50(2)) on every reply: a header and a field, plus the
+        # watermark scheme vLLM samples with (None: this gateway's upstream does not watermark).
+        self.marking = {"generated": True, "watermark": watermark}
+        self.marking_headers = {"x-llmtune-generated": "true", "x-llmtune-watermark": watermark or "none"}
         self.audit = audit or AuditLog(keys, cfg.audit_content)
         self.limiter = limiter or KeyRateLimiter(cfg.rate_limit_storage, cfg.rate_limit, cfg.key_rate_limits)
         self.upstream_key = upstream_key
@@ -407,7 +412,8 @@ class Gateway:
                 else:
                     choice["text"] = shown
                 choice["finish_reason"] = "content_filter"
-        return JSONResponse(data)
+        data["llmtune"] = self.marking
+        return JSONResponse(data, headers=self.marking_headers)
 
     def _upstream_error(self, status: int, content: bytes) -> JSONResponse:
         try:
@@ -437,6 +443,7 @@ class Gateway:
         def chunk(text: str | None, finish_reason: str | None) -> dict:
             nonlocal sent_role
             out = {k: shell.get(k) for k in ("id", "object", "created", "model")}
+            out["llmtune"] = self.marking
             if chat:
                 delta: dict = {}
                 if not sent_role:
@@ -528,7 +535,8 @@ class Gateway:
             return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
         if refused is not None:
             return refused
-        return StreamingResponse(self.stream(upstream, route, key, chat, state), media_type="text/event-stream")
+        return StreamingResponse(self.stream(upstream, route, key, chat, state), media_type="text/event-stream",
+                                 headers=self.marking_headers)
 
     def _build(self) -> FastAPI:
         cfg = self.cfg
@@ -610,8 +618,8 @@ class Gateway:
             if r.status_code != 200:
                 return self._upstream_error(r.status_code, r.content)
             data = r.json()
-            return JSONResponse({"object": "list", "data": [{k: m[k] for k in ("id", "object", "created", "owned_by") if k in m}
-                                                            for m in data.get("data", [])]})
+            return JSONResponse({"object": "list", "data": [{**{k: m[k] for k in ("id", "object", "created", "owned_by") if k in m},
+                                                             "llmtune": self.marking} for m in data.get("data", [])]})
 
         @app.post("/tokenize")
         @app.post("/v1/tokenize")
@@ -659,5 +667,6 @@ class Gateway:
 
 
 def create_app(cfg: ServeConfig, upstream: str, screener, keys: Store, audit: AuditLog | None = None,
-               upstream_key: str | None = None, tokenizer=None, limiter: KeyRateLimiter | None = None) -> FastAPI:
-    return Gateway(cfg, upstream, screener, keys, audit, upstream_key, tokenizer, limiter).app
+               upstream_key: str | None = None, tokenizer=None, limiter: KeyRateLimiter | None = None,
+               watermark: str | None = None) -> FastAPI:
+    return Gateway(cfg, upstream, screener, keys, audit, upstream_key, tokenizer, limiter, watermark).app

@@ -118,12 +118,13 @@ def _stop_on_signals(box: dict):
 
 
 def _run_gateway(cfg: ServeConfig, upstream: str, store, limiter, screener, box: dict, upstream_key: str | None = None,
-                 tokenizer=None) -> None:
+                 tokenizer=None, watermark: str | None = None) -> None:
     import uvicorn
 
     from llmtune.serve.gateway import Gateway
 
-    gateway = Gateway(cfg, upstream, screener, store, upstream_key=upstream_key, tokenizer=tokenizer, limiter=limiter)
+    gateway = Gateway(cfg, upstream, screener, store, upstream_key=upstream_key, tokenizer=tokenizer, limiter=limiter,
+                      watermark=watermark)
     config = uvicorn.Config(gateway.app, host=cfg.host, port=cfg.port, log_level="warning",
                             h11_max_incomplete_event_size=cfg.max_header_bytes, timeout_graceful_shutdown=cfg.shutdown_grace_s)
     uv = uvicorn.Server(config)
@@ -133,6 +134,20 @@ def _run_gateway(cfg: ServeConfig, upstream: str, store, limiter, screener, box:
     uv.capture_signals = contextlib.nullcontext
     box["server"] = uv
     uv.run()
+
+
+def watermark_for(cfg: ServeConfig, store, vcfg: VLLMConfig) -> str | None:
+    """Give vLLM the deployment's watermark key (made now if this store has none); the scheme, or None when off."""
+    from llmtune.watermark.scheme import SCHEME
+    from llmtune.watermark.secret import deployment_key
+
+    if not cfg.watermark.enabled:
+        console.print("  watermark: [yellow]off[/] (watermark.enabled: false); replies are still marked x-llmtune-generated")
+        return None
+    vcfg.watermark, vcfg.watermark_delta = deployment_key(store, cfg.watermark.gamma), cfg.watermark.delta
+    console.print(f"  watermark: {SCHEME} (delta {cfg.watermark.delta:g}, gamma {cfg.watermark.gamma:g}), secret "
+                  f"{vcfg.watermark.fingerprint} from {store.display}; check a reply: llmtune watermark detect --text ...")
+    return SCHEME
 
 
 def serve(req: ServeRequest) -> None:
@@ -145,6 +160,7 @@ def serve(req: ServeRequest) -> None:
         screener = load_screener(cfg.moderation)
         vcfg = vllm_config_for(req)
         cfg.max_context_tokens = vcfg.max_model_len
+        watermark = watermark_for(cfg, store, vcfg)
         console.print(f"[bold]serve[/]: starting vLLM on loopback ({vcfg.model}) ...")
         server = VLLMServer(vcfg)
         with VLLMSupervisor(server):  # restarts vLLM if it dies; /health is 503 until it is back
@@ -152,7 +168,8 @@ def serve(req: ServeRequest) -> None:
             console.print(f"  vLLM ready at {server.base_url} (loopback only, answers only the gateway's key); "
                           f"models: {', '.join(served)}")
             console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 (Ctrl-C or SIGTERM stops both)")
-            _run_gateway(cfg, server.base_url, store, limiter, screener, box, vcfg.api_key, served_tokenizer(vcfg.model))
+            _run_gateway(cfg, server.base_url, store, limiter, screener, box, vcfg.api_key, served_tokenizer(vcfg.model),
+                         watermark)
     console.print("stopped")
 
 
@@ -167,6 +184,8 @@ def serve_gateway(cfg: ServeConfig, upstream: str) -> None:
     with _stop_on_signals(box):
         store, limiter = open_gateway_state(cfg)
         screener = load_screener(cfg.moderation)
+        console.print("  watermark: reported as none (this gateway cannot tell whether its upstream vLLM watermarks; "
+                      "docs/serving.md#inside-vllm-and-async-scheduling)")
         console.print(f"[bold green]gateway[/]: http://{cfg.host}:{cfg.port}/v1 in front of {upstream} (Ctrl-C stops it)")
         _run_gateway(cfg, upstream.rstrip("/"), store, limiter, screener, box,
                      cfg.upstream_api_key or os.environ.get("LLMTUNE_UPSTREAM_KEY"))

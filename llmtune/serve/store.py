@@ -85,6 +85,16 @@ class AuditRecord(Base):
     content: Mapped[str | None] = mapped_column(Text)  # only with audit_content: true
 
 
+class DeploymentSecret(Base):
+    """Secrets of the deployment itself (the watermark key): made at first use, shared by every replica."""
+
+    __tablename__ = "deployment_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -283,6 +293,25 @@ class Store:
             if hmac.compare_digest(row.sha256.encode(), digest.encode()):
                 match = row
         return None if match is None or match.revoked_at is not None else self._record(match)
+
+    # -- deployment secrets -------------------------------------------------------------------
+
+    def deployment_secret(self, name: str, create: bool = True) -> str | None:
+        """The secret called `name`; made (64 random hex digits) the first time it is asked for.
+        Replicas that ask at once agree: one insert wins, the others read it."""
+        import secrets
+
+        with self.session() as s:
+            row = s.get(DeploymentSecret, name)
+        if row is not None or not create:
+            return row.value if row is not None else None
+        try:
+            with self.session() as s:
+                s.add(DeploymentSecret(name=name, value=secrets.token_hex(32), created=_now()))
+        except sa_exc.IntegrityError:
+            pass  # another replica made it first
+        with self.session() as s:
+            return s.get(DeploymentSecret, name).value
 
     # -- audit --------------------------------------------------------------------------------
 

@@ -60,6 +60,9 @@ class VLLMConfig:
     # Chat apps send the names plus every instruct sequence as stop strings (5 or more with a
     # ChatML preset); vLLM's default limit is 4.
     max_stop_strings: int = 64
+    # The watermark (llmtune/watermark): the key, or None for none; delta is the green-token bias.
+    watermark: object | None = None  # a llmtune.watermark.WatermarkKey
+    watermark_delta: float = 2.0
 
     def command(self) -> list[str]:
         cmd = [
@@ -79,6 +82,10 @@ class VLLMConfig:
             cmd += [f"{name}={path}" for name, path in self.adapters.items()]
         if self.api_key:
             cmd += ["--middleware", "llmtune.serve.vllm_guard.RequireKey"]
+        if self.watermark is not None:
+            # By --logits-processors, not as a plugin: only then does vLLM put the sampled ids in place
+            # of async scheduling's placeholders before the processor reads them (vllm_processor.py).
+            cmd += ["--logits-processors", "llmtune.watermark.vllm_processor:KGWWatermark"]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -86,6 +93,9 @@ class VLLMConfig:
                "VLLM_MAX_STOP_STRINGS": str(self.max_stop_strings)}
         if self.api_key:
             env.update(VLLM_API_KEY=self.api_key, LLMTUNE_VLLM_KEY=self.api_key)
+        if self.watermark is not None:
+            env.update(LLMTUNE_WATERMARK_KEY=self.watermark.secret.hex(), LLMTUNE_WATERMARK_GAMMA=repr(self.watermark.gamma),
+                       LLMTUNE_WATERMARK_DELTA=repr(self.watermark_delta))
         return env
 
 
