@@ -621,12 +621,29 @@ class Gateway:
             return JSONResponse({"object": "list", "data": [{**{k: m[k] for k in ("id", "object", "created", "owned_by") if k in m},
                                                              "llmtune": self.marking} for m in data.get("data", [])]})
 
+        @app.get("/v1/internal/model/info")
+        async def ooba_model_info(request: Request):
+            # SillyTavern's default Text Completion type (oobabooga) asks this after /v1/models; a
+            # 2xx turns on its backend token counting (/v1/internal/encode below).
+            _, denied = await self.authorize(request)
+            if denied:
+                return denied
+            try:
+                r = await self.client.get("/v1/models", headers=self._headers())
+            except httpx.HTTPError as exc:
+                return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
+            if r.status_code != 200:
+                return self._upstream_error(r.status_code, r.content)
+            ids = [m.get("id") for m in r.json().get("data", [])]
+            return JSONResponse({"model_name": ids[0] if ids else "", "lora_names": ids[1:]})
+
         @app.post("/tokenize")
         @app.post("/v1/tokenize")
+        @app.post("/v1/internal/encode")
         async def tokenize(request: Request):
             # SillyTavern's Text Completion counts tokens on the backend ("Best match" tokenizer):
-            # one call per piece of the prompt. Nothing is generated, so nothing is screened; the
-            # reply is the count only.
+            # one call per piece of the prompt (`{"prompt"}`; oobabooga's route: `{"text"}`). Nothing
+            # is generated, so nothing is screened; the reply is the count only (never token ids).
             _, denied = await self.authorize(request)
             if denied:
                 return denied
@@ -637,9 +654,13 @@ class Gateway:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
                 return error(400, "the request body is not valid JSON", "invalid_json")
-            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
-                return error(400, "`prompt` must be a string", "invalid_request", "prompt")
+            ooba = request.url.path.endswith("/internal/encode")
+            field = "text" if ooba else "prompt"
+            if not isinstance(body, dict) or not isinstance(body.get(field), str):
+                return error(400, f"`{field}` must be a string", "invalid_request", field)
             forward = {k: body[k] for k in ("model", "prompt", "add_special_tokens") if k in body}
+            if ooba:
+                forward = {"prompt": body["text"]}  # vLLM counts with the served model's tokenizer
             try:
                 r = await self.client.post("/tokenize", json=forward, headers=self._headers())
             except httpx.HTTPError as exc:
@@ -647,6 +668,8 @@ class Gateway:
             if r.status_code != 200:
                 return self._upstream_error(r.status_code, r.content)
             data = r.json()
+            if ooba:
+                return JSONResponse({"length": data.get("count")})
             return JSONResponse({k: data[k] for k in ("count", "max_model_len") if k in data})
 
         @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {

@@ -19,8 +19,9 @@ from llmtune.serve.run import GatewayThread, served_tokenizer
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "sillytavern"
-GENERATION = ["chat_custom", "chat_custom_stream", "chat_custom_extras", "text_vllm", "text_vllm_stream",
-              "text_vllm_extras", "text_ooba", "text_aphrodite"]
+GENERATION = ["chat_custom", "chat_custom_stream", "text_vllm", "text_vllm_stream", "text_ooba", "text_aphrodite"]
+# Captured with non-default settings (Multiple swipes per generation = 2, i.e. n and best_of 2).
+EXTRAS = ["chat_custom_extras", "text_vllm_extras"]
 
 
 def fixture(name: str) -> dict:
@@ -77,6 +78,18 @@ def test_every_default_sillytavern_request_is_served(st, name):
     assert read_like_sillytavern(name, r).strip()
 
 
+@pytest.mark.parametrize("name", EXTRAS)
+def test_several_swipes_per_generation_are_a_clear_400(st, name):
+    """n > 1 would put replies in front of the client that are screened one by one; the gateway
+    asks for one (SillyTavern shows the message and "Multiple swipes per generation" can be 1)."""
+    assert fixture(name)["body"]["n"] == 2
+    r = send(st, name)
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("n", "best_of"), r.text
+    body = {**fixture(name)["body"], "n": 1}
+    body.pop("best_of", None)
+    assert send(st, name, body).status_code == 200
+
+
 def test_model_list_and_backend_token_counts(st):
     url, key = st
     models = fixture("models_request")["modes"]
@@ -92,6 +105,9 @@ def test_model_list_and_backend_token_counts(st):
     r = httpx.post(f"{url}{tok['path']}", json={**tok.get("body", {"prompt": "Hello"}), "model": "mara"},
                    headers=headers, timeout=60)
     assert r.status_code == 200 and isinstance(r.json()["count"], int)
+    # oobabooga's route (SillyTavern's default Text Completion type): {"text"} in, {"length"} out
+    r = httpx.post(f"{url}/v1/internal/encode", json={"text": "Hello there"}, headers=headers, timeout=60)
+    assert r.status_code == 200 and isinstance(r.json()["length"], int) and "tokens" not in r.json()
 
 
 @pytest.mark.parametrize("name", ["text_vllm_stream", "chat_custom_stream"])
@@ -105,10 +121,10 @@ def test_refusals_reach_a_streaming_client_as_json_errors(st, name):
     r = send(st, name, body)
     assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
     # an upstream refusal keeps its status too (not a 200 with an error event SillyTavern cannot parse)
-    body = dict(fixture(name)["body"])
-    body["max_tokens"] = 2048  # with the prompt, beyond the served context: vLLM refuses
-    r = send(st, name, body)
-    assert r.status_code == 400 and "error" in r.json(), r.text[:300]
+    url, key = st
+    body = {**fixture(name)["body"], "model": "no-such-model"}  # vLLM refuses: the model does not exist
+    r = httpx.post(f"{url}{fixture(name)['path']}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    assert r.status_code == 404 and "error" in r.json(), r.text[:300]
 
 
 def test_sixteen_stop_strings_pass(st):
