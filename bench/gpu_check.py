@@ -242,6 +242,12 @@ def speed_paths(plan_d: dict) -> dict:
             "trl_data": base / "trl-data"}
 
 
+def repo_relative(path: Path) -> str:
+    """Relative to the repository when inside it: a --pack folder's prepared data then loads on another machine."""
+    path = Path(path).resolve()
+    return os.path.relpath(path, REPO) if path.is_relative_to(REPO) else str(path)
+
+
 def speed_recipe(plan_d: dict, spec: dict, mdir: Path) -> dict:
     """The 24 GB recipe's hyper-parameters, one epoch over the bench set, everything trained (as TRL does)."""
     import yaml
@@ -249,9 +255,9 @@ def speed_recipe(plan_d: dict, spec: dict, mdir: Path) -> dict:
     p = speed_paths(plan_d)
     doc = yaml.safe_load((REPO / spec["recipe"]["recipe"]).read_text())
     doc.update(name="gpucheck-speed", stages=["prepare", "train"], eval={"prompts": []},
-               output={"dir": os.path.relpath(p["runs"], REPO) if p["runs"].is_relative_to(REPO) else str(p["runs"])})
+               output={"dir": repo_relative(p["runs"])})
     doc["model"]["base"] = str(mdir)
-    doc["data"] = {"sources": [{"path": str(p["data"] / "train.jsonl"), "license": "CC0-1.0"}], "val_fraction": 0.0,
+    doc["data"] = {"sources": [{"path": repo_relative(p["data"] / "train.jsonl"), "license": "CC0-1.0"}], "val_fraction": 0.0,
                    "max_seq_length": spec["seq"], "mask": "all", "dedup": "none"}
     doc["training"].update(epochs=1, max_steps=-1, save_steps=100_000, eval_steps=100_000, logging_steps=1)
     return doc
@@ -330,6 +336,10 @@ def step_speed(plan_d: dict, spec: dict, log) -> dict:
     recipe = prepare_speed_data(plan_d, spec)
     tokens = json.loads(p["tokens"].read_text())["tokens"]
     mdir = model_dir(plan_d, MEMORY_CASES_BY_LABEL[spec["case"]]["hub_id"], with_weights=True)
+    # This machine's model folder (the data may have been prepared on another one, by --pack).
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(speed_recipe(plan_d, spec, mdir), sort_keys=False))
     env = child_env(plan_d)
     logs = Path(plan_d["work"]) / "logs"
     logs.mkdir(exist_ok=True)
@@ -788,7 +798,8 @@ def write_report(report: dict, out: Path, docs: bool) -> list[Path]:
         page = (REPO / "docs" / "gpu.md").read_text()
         marker = "<!-- gpu_check results -->"
         before = page.split(marker)[0] if marker in page else page + "\n"
-        (REPO / "docs" / "gpu.md").write_text(before + marker + "\n\n" + markdown(report).split("\n", 2)[2])
+        (REPO / "docs" / "gpu.md").write_text(before + marker + f"\n\n## Results ({report['started']})\n\n"
+                                              + markdown(report).split("\n", 2)[2])
         paths += [REPO / "docs" / "benchmarks" / "gpu_check.json", REPO / "docs" / "gpu.md"]
     return paths
 
@@ -804,6 +815,9 @@ def pack(dest: Path, python_version: str, plan: Plan) -> int:
     """Wheels for the GPU image's Python (manylinux x86-64, no deps the image already has), the SmolLM2
     tokenizer, and the screened, tokenized speed set (the moderation encoder stays here)."""
     dest.mkdir(parents=True, exist_ok=True)
+    if not dest.resolve().is_relative_to(REPO):
+        print(f"warning: {dest} is outside the repository; the prepared data's paths will not resolve on the GPU machine "
+              "(use a folder inside it, e.g. .gpucheck, ignored through .git/info/exclude)")
     wheels = dest / "wheels"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
            "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_24_x86_64",
@@ -827,14 +841,25 @@ def main() -> int:
         return child_main(*sys.argv[2:5])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rehearse", action="store_true", help="CPU, tiny shapes, report into --out (never over docs/)")
-    ap.add_argument("--out", help="where gpu.md and gpu_check.json go (default: a temp dir; a GPU run also updates docs/)")
+    ap.add_argument("--out", help="where gpu.md and gpu_check.json go (default: a temp dir); a GPU run also updates docs/")
     ap.add_argument("--work", help="models, runs and logs (default: a temp dir; a 7B model needs ~16 GB of disk there)")
     ap.add_argument("--carried", help="a folder made by --pack (wheels installed by gpu_check.sh, tokenizer, speed set)")
     ap.add_argument("--only", help="comma-separated steps: memory,speed,equal,serve")
     ap.add_argument("--plan", action="store_true", help="print the plan as JSON and exit")
     ap.add_argument("--pack", metavar="DIR", help="gather what an offline GPU machine lacks into DIR, then exit")
     ap.add_argument("--pack-python", default="3.12", help="the GPU image's Python version, for --pack")
+    ap.add_argument("--install-report", metavar="DIR", help="copy a GPU run's gpu_check.json from DIR into docs/ "
+                                                             "(docs/benchmarks/gpu_check.json and the table in docs/gpu.md), then exit")
+    ap.add_argument("--no-docs", action="store_true", help="a GPU run writes only --out, not docs/")
     args = ap.parse_args()
+    if args.install_report:
+        report = json.loads((Path(args.install_report) / "gpu_check.json").read_text())
+        if report.get("rehearsal"):
+            print("refusing: that report is a rehearsal (CPU, tiny shapes); docs/ holds GPU runs only")
+            return 1
+        for p in write_report(report, Path(args.install_report), docs=True)[2:]:
+            print(f"wrote {p}")
+        return 0
     work = args.work or tempfile.mkdtemp(prefix="gpucheck-")
     plan = make_plan(args.rehearse, work, args.carried)
     if args.plan:
@@ -844,7 +869,7 @@ def main() -> int:
         return pack(Path(args.pack), args.pack_python, make_plan(False, work))
     report = run_plan(plan, args.only.split(",") if args.only else None)
     out = Path(args.out or Path(work) / "report")
-    for p in write_report(report, out, docs=not args.rehearse and not args.out and "error" not in report):
+    for p in write_report(report, out, docs=not args.rehearse and not args.no_docs and "error" not in report):
         print(f"wrote {p}")
     print(markdown(report))
     return 0
