@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -324,7 +325,8 @@ def trl_command(plan_d: dict, spec: dict, mdir: Path, out: Path, liger: bool) ->
 def timed(cmd: list[str], env: dict, log_path: Path, timeout: float) -> float:
     start = time.perf_counter()
     with log_path.open("w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, timeout=max(1.0, timeout),
+                              check=False)
     if proc.returncode:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"{Path(cmd[0]).name} {cmd[1]} exited {proc.returncode}; log {log_path}:\n{tail}")
@@ -630,21 +632,24 @@ def run_child(plan: Plan, step: Step, timeout: float, log_path: Path) -> dict:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, cwd=REPO, env=child_env(asdict(plan)),
                                 start_new_session=True)
         lines: list[str] = []
-        try:
-            deadline = time.time() + timeout
+
+        def pump() -> None:  # progress lines as they come; the result is the last JSON line
             assert proc.stdout is not None
-            for line in proc.stdout:  # progress lines as they come; the result is the last JSON line
+            for line in proc.stdout:
                 if line.startswith("{\"result\""):
                     lines.append(line)
                 else:
                     print(line, end="", flush=True)
-                if time.time() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            proc.wait(timeout=max(1, deadline - time.time()))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)  # a silent hang is stopped here too
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)  # the child and whatever it started (trl, vLLM)
             proc.wait()
             return {"error": f"timed out after {timeout:.0f}s (time box)", "log": str(log_path), "stderr_tail": tail(log_path)}
+        reader.join(timeout=10)
     if proc.returncode or not lines:
         return {"error": f"exited {proc.returncode}", "log": str(log_path), "stderr_tail": tail(log_path)}
     return json.loads(lines[-1])["result"]

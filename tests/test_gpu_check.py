@@ -66,6 +66,16 @@ def test_trl_sft_command_has_the_recipes_hyper_parameters(tmp_path):
     assert sft.optim == "paged_adamw_8bit" and sft.lr_scheduler_type == "cosine"
 
 
+def test_a_step_past_its_time_box_is_stopped_and_recorded(tmp_path):
+    import time
+
+    plan = gpu_check.make_plan(rehearse=True, work=str(tmp_path))
+    step = next(s for s in plan.steps if s.name == "equal")
+    start = time.time()
+    result = gpu_check.run_child(plan, step, timeout=2, log_path=tmp_path / "equal.log")
+    assert "timed out after 2s" in result["error"] and time.time() - start < 30
+
+
 def test_report_table_shows_figures_and_failures(tmp_path):
     report = {
         "rehearsal": False, "started": "2026-12-01T00:00:00Z", "seconds": 500.0,
