@@ -53,9 +53,9 @@ sys.path[:0] = [str(REPO), str(BENCH)]
 MiB = 1024**2
 TOTAL_BUDGET_S = 540  # 9 minutes on one GPU, vLLM start included
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.05}
-MEMORY_CASES = [  # (label, 24 GB tier recipe, hub id whose shape llmtune/archs ships)
+MEMORY_CASES = [  # (label, 24 GB tier recipe, hub id whose shape llmtune/archs ships); 3B first: speed and serve
+    ("llama3.2-3b", "recipes/llama3.2-3b-qlora-24gb.yaml", "meta-llama/Llama-3.2-3B-Instruct"),  # reuse its weights
     ("qwen2.5-7b", "recipes/qwen2.5-7b-qlora-24gb.yaml", "Qwen/Qwen2.5-7B-Instruct"),
-    ("llama3.2-3b", "recipes/llama3.2-3b-qlora-24gb.yaml", "meta-llama/Llama-3.2-3B-Instruct"),
 ]
 SPEED_CASE = "llama3.2-3b"
 # Rehearsal: the same architectures shrunk to 2 layers (head_dim 64: vLLM's CPU attention needs it).
@@ -108,7 +108,7 @@ def make_plan(rehearse: bool, work: str, carried: str | None = None) -> Plan:
     if rehearse:  # 2 shared cores: each child pays ~20 s of imports
         boxes = {"memory": 150, "speed": 420, "equal": 90, "serve": 420}
     else:  # 7B: write 15 GB of random bf16 weights, load them as NF4, 3 steps; vLLM twice
-        boxes = {"memory": 210, "speed": 150, "equal": 40, "serve": 130}
+        boxes = {"memory": 200, "speed": 140, "equal": 40, "serve": 150}
     steps = [Step("memory", boxes["memory"], {"cases": memory}), Step("speed", boxes["speed"], speed),
              Step("equal", boxes["equal"], equal), Step("serve", boxes["serve"], serve)]
     return Plan(rehearse, "cpu" if rehearse else "cuda", seq, work, carried, steps)
@@ -170,7 +170,7 @@ def model_dir(plan_d: dict, hub_id: str, with_weights: bool) -> Path:
 # Step 1: peak memory against the estimator
 
 
-def step_memory(plan_d: dict, spec: dict, log) -> dict:
+def step_memory(plan_d: dict, spec: dict, log, partial=lambda result: None) -> dict:
     import torch
 
     from estimate_validation import build_trainer, synthetic_dataset
@@ -223,6 +223,7 @@ def step_memory(plan_d: dict, spec: dict, log) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             if cuda:
                 torch.cuda.empty_cache()
+            row["estimate_command"] = (f"llmtune estimate {case['recipe']} --gpu-mem 24 " + " ".join(case["overrides"]))
             results[case["label"]] = row
         except Exception as exc:  # one case failing must not lose the other
             results[case["label"]] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
@@ -230,6 +231,7 @@ def step_memory(plan_d: dict, spec: dict, log) -> dict:
         if case["label"] != SPEED_CASE and not plan_d["rehearse"]:  # a 7B model in bf16 is 15 GB of disk
             shutil.rmtree(Path(plan_d["work"]) / "models" / case["hub_id"].replace("/", "--"), ignore_errors=True)
         results[case["label"]]["seconds"] = time.time() - t0
+        partial(results)  # kept if the time box ends the step during the next case
     return results
 
 
@@ -544,30 +546,46 @@ def step_serve(plan_d: dict, spec: dict, log) -> dict:
                                            extra_body={"ignore_eos": True})
         return time.perf_counter() - start, r.choices[0].message.content, r.usage.completion_tokens
 
-    for label, vcfg, model in (("merged", merged_cfg, merged_cfg.served_name), ("adapter", adapter_cfg, "gpucheck-adapter")):
-        t1 = time.time()
-        try:
-            with VLLMServer(vcfg, log_path=logs / f"vllm-{label}.log", startup_timeout=240) as vllm, \
-                    GatewayThread(create_app(cfg, vllm.base_url, screener, keys, upstream_key=vcfg.api_key)) as gw:
-                ready = time.time() - t1
-                direct = OpenAI(base_url=f"{vllm.base_url}/v1", api_key=vcfg.api_key, max_retries=0)
-                gateway = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
-                _, reply, n = one(gateway, model)  # the one chat, through the gateway (also the warm-up)
-                one(direct, model)
-                lat_d, lat_g = [], []
-                for _ in range(spec["requests"]):  # interleaved, so drift hits both alike
-                    lat_d.append(one(direct, model)[0])
-                    lat_g.append(one(gateway, model)[0])
-            row = {"model": model, "vllm_ready_seconds": ready, "chat_tokens": n, "chat_reply_chars": len(reply or ""),
-                   "p50_direct_ms": 1000 * statistics.median(lat_d), "p50_gateway_ms": 1000 * statistics.median(lat_g),
-                   "requests": spec["requests"], "tokens_per_request": spec["tokens"]}
-            row["p50_ratio"] = row["p50_gateway_ms"] / row["p50_direct_ms"]
-            log(f"  {label} ({model}): vLLM ready in {ready:.0f}s; chat {n} tokens; p50 direct {row['p50_direct_ms']:.0f} ms, "
-                f"gateway {row['p50_gateway_ms']:.0f} ms -> {row['p50_ratio']:.3f}")
-        except Exception as exc:
-            row = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
-            log(f"  {label}: FAILED {str(exc)[:300]}")
-        out[label] = row
+    # Both servers start at once (each with 30% of the GPU): one start-up's wait instead of two.
+    from concurrent.futures import ThreadPoolExecutor
+
+    targets = (("merged", merged_cfg, merged_cfg.served_name), ("adapter", adapter_cfg, "gpucheck-adapter"))
+    servers = {label: VLLMServer(vcfg, log_path=logs / f"vllm-{label}.log", startup_timeout=240) for label, vcfg, _ in targets}
+    t1 = time.time()
+
+    def start(label: str):
+        servers[label].start()
+        return time.time() - t1
+
+    with ThreadPoolExecutor(2) as pool:
+        started = {label: pool.submit(start, label) for label in servers}
+    try:
+        for label, vcfg, model in targets:
+            try:
+                ready = started[label].result()
+                vllm = servers[label]
+                with GatewayThread(create_app(cfg, vllm.base_url, screener, keys, upstream_key=vcfg.api_key)) as gw:
+                    direct = OpenAI(base_url=f"{vllm.base_url}/v1", api_key=vcfg.api_key, max_retries=0)
+                    gateway = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
+                    _, reply, n = one(gateway, model)  # the one chat, through the gateway (also the warm-up)
+                    one(direct, model)
+                    lat_d, lat_g = [], []
+                    for _ in range(spec["requests"]):  # interleaved, so drift hits both alike
+                        lat_d.append(one(direct, model)[0])
+                        lat_g.append(one(gateway, model)[0])
+                row = {"model": model, "vllm_ready_seconds": ready, "chat_tokens": n, "chat_reply_chars": len(reply or ""),
+                       "p50_direct_ms": 1000 * statistics.median(lat_d), "p50_gateway_ms": 1000 * statistics.median(lat_g),
+                       "requests": spec["requests"], "tokens_per_request": spec["tokens"]}
+                row["p50_ratio"] = row["p50_gateway_ms"] / row["p50_direct_ms"]
+                log(f"  {label} ({model}): vLLM ready in {ready:.0f}s; chat {n} tokens; p50 direct {row['p50_direct_ms']:.0f} ms, "
+                    f"gateway {row['p50_gateway_ms']:.0f} ms -> {row['p50_ratio']:.3f}")
+            except Exception as exc:
+                row = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+                log(f"  {label}: FAILED {str(exc)[:300]}")
+            out[label] = row
+    finally:
+        for server in servers.values():
+            server.stop()
     out["vllm_dtype"] = merged_cfg.dtype
     return out
 
@@ -648,7 +666,9 @@ def run_child(plan: Plan, step: Step, timeout: float, log_path: Path) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)  # the child and whatever it started (trl, vLLM)
             proc.wait()
-            return {"error": f"timed out after {timeout:.0f}s (time box)", "log": str(log_path), "stderr_tail": tail(log_path)}
+            done = Path(plan.work) / "logs" / f"{step.name}.partial.json"
+            return {**(json.loads(done.read_text()) if done.exists() else {}),
+                    "error": f"timed out after {timeout:.0f}s (time box)", "log": str(log_path), "stderr_tail": tail(log_path)}
         reader.join(timeout=10)
     if proc.returncode or not lines:
         return {"error": f"exited {proc.returncode}", "log": str(log_path), "stderr_tail": tail(log_path)}
@@ -668,8 +688,11 @@ def child_main(name: str, plan_json: str, spec_json: str) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    def partial(result: dict) -> None:
+        (Path(plan_d["work"]) / "logs" / f"{name}.partial.json").write_text(json.dumps(result, default=str))
+
     try:
-        result = STEPS[name](plan_d, spec, log)
+        result = STEPS[name](plan_d, spec, log, **({"partial": partial} if name == "memory" else {}))
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"[-3000:], "traceback": traceback.format_exc()[-3000:]}
         log(f"  FAILED {type(exc).__name__}: {str(exc)[:400]}")
