@@ -381,7 +381,7 @@ def step_speed(plan_d: dict, spec: dict, log) -> dict:
                          "tokens_per_s": tokens / runtime}
             log(f"  {name}: {tokens / runtime:,.0f} tok/s ({runtime:.1f}s in the train loop)")
         except Exception as exc:
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+            out[name] = {"error": describe(exc)}
             log(f"  {name}: FAILED {str(exc)[:300]}")
     if "loss_tokens_per_s" in out.get("trl sft", {}):
         out["ratio_llmtune_over_trl"] = out["llmtune"]["loss_tokens_per_s"] / out["trl sft"]["loss_tokens_per_s"]
@@ -546,24 +546,22 @@ def step_serve(plan_d: dict, spec: dict, log) -> dict:
                                            extra_body={"ignore_eos": True})
         return time.perf_counter() - start, r.choices[0].message.content, r.usage.completion_tokens
 
-    # Both servers start at once (each with 30% of the GPU): one start-up's wait instead of two.
-    from concurrent.futures import ThreadPoolExecutor
-
+    # On a GPU both servers start at once (30% of its memory each): one start-up's wait instead of two.
+    # On 2 shared CPU cores two starting vLLMs starve each other, so the rehearsal starts them in turn.
+    together = cuda
     targets = (("merged", merged_cfg, merged_cfg.served_name), ("adapter", adapter_cfg, "gpucheck-adapter"))
     servers = {label: VLLMServer(vcfg, log_path=logs / f"vllm-{label}.log", startup_timeout=240) for label, vcfg, _ in targets}
-    t1 = time.time()
-
-    def start(label: str):
-        servers[label].start()
-        return time.time() - t1
-
-    with ThreadPoolExecutor(2) as pool:
-        started = {label: pool.submit(start, label) for label in servers}
+    if together:
+        for server in servers.values():
+            server.launch()
     try:
         for label, vcfg, model in targets:
+            vllm = servers[label]
             try:
-                ready = started[label].result()
-                vllm = servers[label]
+                if not together:
+                    vllm.launch()
+                vllm.wait_ready()
+                ready = time.time() - vllm._launched
                 with GatewayThread(create_app(cfg, vllm.base_url, screener, keys, upstream_key=vcfg.api_key)) as gw:
                     direct = OpenAI(base_url=f"{vllm.base_url}/v1", api_key=vcfg.api_key, max_retries=0)
                     gateway = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
@@ -573,15 +571,19 @@ def step_serve(plan_d: dict, spec: dict, log) -> dict:
                     for _ in range(spec["requests"]):  # interleaved, so drift hits both alike
                         lat_d.append(one(direct, model)[0])
                         lat_g.append(one(gateway, model)[0])
-                row = {"model": model, "vllm_ready_seconds": ready, "chat_tokens": n, "chat_reply_chars": len(reply or ""),
-                       "p50_direct_ms": 1000 * statistics.median(lat_d), "p50_gateway_ms": 1000 * statistics.median(lat_g),
-                       "requests": spec["requests"], "tokens_per_request": spec["tokens"]}
+                row = {"model": model, "vllm_ready_seconds": ready, "started_together": together, "chat_tokens": n,
+                       "chat_reply_chars": len(reply or ""), "p50_direct_ms": 1000 * statistics.median(lat_d),
+                       "p50_gateway_ms": 1000 * statistics.median(lat_g), "requests": spec["requests"],
+                       "tokens_per_request": spec["tokens"]}
                 row["p50_ratio"] = row["p50_gateway_ms"] / row["p50_direct_ms"]
                 log(f"  {label} ({model}): vLLM ready in {ready:.0f}s; chat {n} tokens; p50 direct {row['p50_direct_ms']:.0f} ms, "
                     f"gateway {row['p50_gateway_ms']:.0f} ms -> {row['p50_ratio']:.3f}")
             except Exception as exc:
-                row = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+                row = {"error": describe(exc)}
                 log(f"  {label}: FAILED {str(exc)[:300]}")
+            finally:
+                if not together:
+                    vllm.stop()
             out[label] = row
     finally:
         for server in servers.values():
@@ -675,6 +677,13 @@ def run_child(plan: Plan, step: Step, timeout: float, log_path: Path) -> dict:
     return json.loads(lines[-1])["result"]
 
 
+def describe(exc: BaseException) -> str:
+    """The error's first line (what a table shows) and the end of the rest (a log tail, usually)."""
+    text = f"{type(exc).__name__}: {exc}"
+    head, _, rest = text.partition("\n")
+    return head[:500] + (("\n" + rest[-2500:]) if rest else "")
+
+
 def tail(path: Path, n: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -694,7 +703,7 @@ def child_main(name: str, plan_json: str, spec_json: str) -> int:
     try:
         result = STEPS[name](plan_d, spec, log, **({"partial": partial} if name == "memory" else {}))
     except Exception as exc:
-        result = {"error": f"{type(exc).__name__}: {exc}"[-3000:], "traceback": traceback.format_exc()[-3000:]}
+        result = {"error": describe(exc), "traceback": traceback.format_exc()[-3000:]}
         log(f"  FAILED {type(exc).__name__}: {str(exc)[:400]}")
     print(json.dumps({"result": result}, default=str), flush=True)
     return 0
