@@ -335,7 +335,7 @@ def timed(cmd: list[str], env: dict, log_path: Path, timeout: float) -> float:
     return time.perf_counter() - start
 
 
-def step_speed(plan_d: dict, spec: dict, log) -> dict:
+def step_speed(plan_d: dict, spec: dict, log, partial=lambda result: None) -> dict:
     p = speed_paths(plan_d)
     recipe = prepare_speed_data(plan_d, spec)
     tokens = json.loads(p["tokens"].read_text())["tokens"]
@@ -361,6 +361,7 @@ def step_speed(plan_d: dict, spec: dict, log) -> dict:
     out["screened_out"] = counts.get("moderation", {})
     log(f"  llmtune train: {trained / runtime:,.0f} loss-bearing tok/s, {counts['train_tokens'] / runtime:,.0f} tok/s "
         f"through the model ({runtime:.1f}s in the train loop)")
+    partial(out)
 
     variants = [("trl sft", False)]
     if spec.get("liger"):
@@ -380,6 +381,10 @@ def step_speed(plan_d: dict, spec: dict, log) -> dict:
             out[name] = {"train_seconds": runtime, "wall_seconds": wall, "loss_tokens_per_s": tokens / runtime,
                          "tokens_per_s": tokens / runtime}
             log(f"  {name}: {tokens / runtime:,.0f} tok/s ({runtime:.1f}s in the train loop)")
+            if name == "trl sft":
+                out["ratio_llmtune_over_trl"] = out["llmtune"]["loss_tokens_per_s"] / out[name]["loss_tokens_per_s"]
+                out["ratio_llmtune_over_trl_all_tokens"] = out["llmtune"]["tokens_per_s"] / out[name]["tokens_per_s"]
+            partial(out)
         except Exception as exc:
             out[name] = {"error": describe(exc)}
             log(f"  {name}: FAILED {str(exc)[:300]}")
@@ -401,7 +406,7 @@ def step_speed(plan_d: dict, spec: dict, log) -> dict:
 # Step 3: packed attention and chunked loss against the plain path
 
 
-def step_equal(plan_d: dict, spec: dict, log) -> dict:
+def step_equal(plan_d: dict, spec: dict, log, partial=lambda result: None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -497,7 +502,7 @@ def step_equal(plan_d: dict, spec: dict, log) -> dict:
 # Step 4: vLLM with a merged model and a LoRA adapter, behind the gateway
 
 
-def step_serve(plan_d: dict, spec: dict, log) -> dict:
+def step_serve(plan_d: dict, spec: dict, log, partial=lambda result: None) -> dict:
     import statistics
 
     from openai import OpenAI
@@ -585,6 +590,7 @@ def step_serve(plan_d: dict, spec: dict, log) -> dict:
                 if not together:
                     vllm.stop()
             out[label] = row
+            partial(out)
     finally:
         for server in servers.values():
             server.stop()
@@ -697,11 +703,14 @@ def child_main(name: str, plan_json: str, spec_json: str) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    done = Path(plan_d["work"]) / "logs" / f"{name}.partial.json"
+    done.unlink(missing_ok=True)  # an earlier run's
+
     def partial(result: dict) -> None:
-        (Path(plan_d["work"]) / "logs" / f"{name}.partial.json").write_text(json.dumps(result, default=str))
+        done.write_text(json.dumps(result, default=str))
 
     try:
-        result = STEPS[name](plan_d, spec, log, **({"partial": partial} if name == "memory" else {}))
+        result = STEPS[name](plan_d, spec, log, partial=partial)
     except Exception as exc:
         result = {"error": describe(exc), "traceback": traceback.format_exc()[-3000:]}
         log(f"  FAILED {type(exc).__name__}: {str(exc)[:400]}")
