@@ -474,6 +474,7 @@ def step_equal(plan_d: dict, spec: dict, log, partial=lambda result: None) -> di
            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
     if not cuda:
         out["note"] = "no CUDA: fp32 on the CPU at a shrunken shape (the CPU tests cover this); bf16 needs the GPU run"
+        log(f"  skipped: {out['note']}")
     # Packed attention (per-conversation SDPA over the flattened micro-batch), full logits.
     packed = lora_model()
     assert use_packed_attention(packed), "use_packed_attention refused an sdpa model"
