@@ -552,22 +552,17 @@ def step_serve(plan_d: dict, spec: dict, log, partial=lambda result: None) -> di
                                            extra_body={"ignore_eos": True})
         return time.perf_counter() - start, r.choices[0].message.content, r.usage.completion_tokens
 
-    # On a GPU both servers start at once (30% of its memory each): one start-up's wait instead of two.
-    # On 2 shared CPU cores two starting vLLMs starve each other, so the rehearsal starts them in turn.
-    together = cuda
+    # One server at a time (30% of the GPU each): llmtune's VLLMServer starts and waits in one call.
+    together = False
     targets = (("merged", merged_cfg, merged_cfg.served_name), ("adapter", adapter_cfg, "gpucheck-adapter"))
     servers = {label: VLLMServer(vcfg, log_path=logs / f"vllm-{label}.log", startup_timeout=240) for label, vcfg, _ in targets}
-    if together:
-        for server in servers.values():
-            server.launch()
     try:
         for label, vcfg, model in targets:
             vllm = servers[label]
             try:
-                if not together:
-                    vllm.launch()
-                vllm.wait_ready()
-                ready = time.time() - vllm._launched
+                t1 = time.time()
+                vllm.start()
+                ready = time.time() - t1
                 with GatewayThread(create_app(cfg, vllm.base_url, screener, keys, upstream_key=vcfg.api_key)) as gw:
                     direct = OpenAI(base_url=f"{vllm.base_url}/v1", api_key=vcfg.api_key, max_retries=0)
                     gateway = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)

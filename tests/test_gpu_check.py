@@ -121,38 +121,3 @@ def test_rehearsal_equality_step_runs_and_writes_only_its_out_dir(tmp_path):
         assert eq[key]["loss_within_1pct"] and eq[key]["grads_within_tol"], eq[key]
     assert (REPO / "docs" / "gpu.md").read_text() == docs_before  # a rehearsal never writes docs/
 
-
-def test_vllm_servers_launch_together_and_each_waits_for_its_health(tmp_path):
-    """VLLMServer.launch + wait_ready (what gpu_check uses to start two servers at once), with a stand-in
-    process that answers /health after a second; the real vLLM runs in tests/test_vllm.py."""
-    import time
-    from dataclasses import dataclass
-
-    from llmtune.serve.vllm_server import VLLMConfig, VLLMServer
-
-    health = ("import http.server, sys, time\n"
-              "time.sleep(1)\n"
-              "class H(http.server.BaseHTTPRequestHandler):\n"
-              "    def do_GET(self):\n"
-              "        self.send_response(200 if self.path == '/health' else 404); self.end_headers()\n"
-              "    def log_message(self, *a): pass\n"
-              "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
-
-    @dataclass
-    class StandIn(VLLMConfig):
-        def command(self) -> list[str]:
-            return [sys.executable, "-c", health, str(self.port)]
-
-    servers = [VLLMServer(StandIn(model="m"), log_path=tmp_path / f"s{i}.log", startup_timeout=30) for i in range(2)]
-    start = time.time()
-    try:
-        for s in servers:
-            s.launch()
-        assert not any(s.healthy() for s in servers)  # launch does not wait
-        for s in servers:
-            s.wait_ready()
-        assert all(s.healthy() for s in servers) and time.time() - start < 10  # one start-up's wait, not two
-    finally:
-        for s in servers:
-            s.stop()
-    assert all(s.proc.poll() is not None for s in servers)

@@ -99,7 +99,6 @@ class VLLMServer:
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"llmtune-vllm-{cfg.port}.log"
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
-        self._launched = 0.0
 
     @property
     def base_url(self) -> str:
@@ -112,25 +111,13 @@ class VLLMServer:
             return "(no log)"
 
     def start(self) -> "VLLMServer":
-        return self.launch().wait_ready()
-
-    def launch(self) -> "VLLMServer":
-        """Start the process without waiting (`wait_ready` waits). Several servers can start at once
-        this way; call it from the thread that lives as long as the server: Linux sends the
-        parent-death signal when the *thread* that started the child exits."""
         env = {**os.environ, **self.cfg.environment()}
         log = self.log_path.open("w")
         # Own process group, so we stop vLLM and all its workers together; and vLLM gets SIGTERM
         # if we die without stopping it (SIGKILL, a crash), so it never outlives the gateway.
         self.proc = subprocess.Popen(self.cfg.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        self._launched = time.time()
-        return self
-
-    def wait_ready(self) -> "VLLMServer":
-        """Until /health answers (startup_timeout from launch), or raise with the log tail."""
-        assert self.proc is not None, "launch() first"
-        deadline = self._launched + self.startup_timeout
+        deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise VLLMStartError(f"vLLM exited with code {self.proc.returncode} while starting; "
