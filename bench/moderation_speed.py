@@ -159,8 +159,7 @@ def main() -> None:
         cold_ms.append((time.perf_counter() - w0) * 1000)
         screener.clear_caches()
     words = sum(len(m["content"].split()) for m in history)
-    print(f"
-[conversation] 41 messages (~{words:,} words) resent every turn: p50 {percentile(turn_ms, .5):.1f} ms a turn "
+    print(f"\n[conversation] 41 messages (~{words:,} words) resent every turn: p50 {percentile(turn_ms, .5):.1f} ms a turn "
           f"with the prefix cache, {statistics.median(cold_ms):.1f} ms for the whole conversation uncached "
           f"-> {statistics.median(cold_ms) / percentile(turn_ms, .5):.1f}x")
 
