@@ -18,7 +18,9 @@ def test_run_end_to_end_writes_a_complete_run_directory(tmp_path, tiny_recipe):
     from transformers import AutoModelForCausalLM
 
     path = tiny_recipe(training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "learning_rate": 1e-2})
-    res = run_cli("run", str(path), "training.seed=7")
+    # f16 only: a tiny random model's near-uniform logits make q8_0's top-1 agreement a coin toss
+    # (tests/test_gguf.py checks q8_0 and Q4_K_M on the embedded SmolLM2).
+    res = run_cli("run", str(path), "training.seed=7", "export.gguf_types=[f16]")
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
     for name in ("recipe.yaml", "report.md", "loss_curve.png", "eval.json", "metrics.jsonl", "samples.jsonl",

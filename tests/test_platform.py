@@ -86,7 +86,7 @@ def test_a_rate_limit_shared_by_two_replicas_allows_exactly_the_configured_burst
         gws = replicas(tmp_path, config, upstream.base_url)
         try:
             with ThreadPoolExecutor(10) as pool:  # all at once, spread over both replicas
-                codes = list(pool.map(lambda i: chat(gws[i % 2], key, f"Request {i}").status_code, range(20)))
+                codes = list(pool.map(lambda i: chat(gws[i % 2], key, f"Request {'abcdefghijklmnopqrst'[i]}").status_code, range(20)))
             assert sorted(codes) == [200] * 6 + [429] * 14, codes
             per_replica = [[c for i, c in enumerate(codes) if i % 2 == r] for r in (0, 1)]
             assert all(429 in codes_ for codes_ in per_replica)  # each replica refuses once the shared count is spent

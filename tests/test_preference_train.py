@@ -146,7 +146,9 @@ def test_kto_orpo_and_simpo_train_with_trls_trainers(sft_run, method, tmp_path):
     from llmtune.train.preference import train_preference
 
     recipe = load_recipe(sft_run, [f"preference.method={method}", "preference.max_steps=2", f"output.name=pref-{method}"])
-    shutil.copytree(load_recipe(sft_run).run_dir / "adapter", recipe.run_dir / "adapter")  # the SFT adapter of the run
+    sft_dir = load_recipe(sft_run).run_dir
+    source = sft_dir / "sft_adapter" if (sft_dir / "sft_adapter").exists() else sft_dir / "adapter"
+    shutil.copytree(source, recipe.run_dir / "adapter")  # the SFT adapter of the run (kept aside once DPO replaced adapter/)
     prepare(recipe)
     result = train_preference(recipe)
     logged = [m for m in read_metrics(result.metrics) if "loss" in m]

@@ -114,7 +114,7 @@ def test_judge_three_pairs_by_keyboard_resume_results_export(two_runs, tmp_path)
     from selenium.webdriver.common.keys import Keys
 
     run_a, run_b = two_runs
-    server = ReviewServer(str(run_a), str(run_b), "review.max_new_tokens=24")
+    server = ReviewServer(str(run_a), str(run_b), "review.max_new_tokens=12")
     driver = None
     try:
         url = server.url()

@@ -227,7 +227,9 @@ def test_mini_batch_runs_stay_within_two_percent(tmp_path, tiny_recipe):
     the steps; the full-batch test above covers equal steps exactly.)"""
     data = write_conversations(
         tmp_path / "chats.jsonl",
-        MEMORISE + [[("user", f"Say {i}, please"), ("assistant", f"{i}, deckhand. " * (1 + i % 4))] for i in range(20)],
+        MEMORISE + [[("user", f"Say {w}, please"), ("assistant", f"{w}, deckhand. " * (1 + i % 4))]
+                    for i, w in enumerate("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+                                          "november oscar papa quebec romeo sierra tango".split())],
     )
     final = {}
     for name, training in (("unoptimised", {**UNOPTIMISED, "micro_batch_size": 4}), ("optimised", {"micro_batch_size": 1})):
