@@ -605,36 +605,36 @@ class Gateway:
                     return denied
                 return PlainTextResponse(generate_latest(self.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
 
-        @app.get("/v1/models")
-        @app.get("/models")  # SillyTavern's Custom source uses the URL as typed: without /v1 too
-        async def models(request: Request):
+        async def served_models(request: Request) -> tuple[list[dict] | None, JSONResponse | None]:
+            """vLLM's model list for an authorised request, or the response that refuses it."""
             _, denied = await self.authorize(request)
             if denied:
-                return denied
+                return None, denied
             try:
                 r = await self.client.get("/v1/models", headers=self._headers())
             except httpx.HTTPError as exc:
-                return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
+                return None, error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
             if r.status_code != 200:
-                return self._upstream_error(r.status_code, r.content)
-            data = r.json()
+                return None, self._upstream_error(r.status_code, r.content)
+            return r.json().get("data", []), None
+
+        @app.get("/v1/models")
+        @app.get("/models")  # SillyTavern's Custom source uses the URL as typed: without /v1 too
+        async def models(request: Request):
+            listed, refused = await served_models(request)
+            if refused:
+                return refused
             return JSONResponse({"object": "list", "data": [{**{k: m[k] for k in ("id", "object", "created", "owned_by") if k in m},
-                                                             "llmtune": self.marking} for m in data.get("data", [])]})
+                                                             "llmtune": self.marking} for m in listed]})
 
         @app.get("/v1/internal/model/info")
         async def ooba_model_info(request: Request):
             # SillyTavern's default Text Completion type (oobabooga) asks this after /v1/models; a
             # 2xx turns on its backend token counting (/v1/internal/encode below).
-            _, denied = await self.authorize(request)
-            if denied:
-                return denied
-            try:
-                r = await self.client.get("/v1/models", headers=self._headers())
-            except httpx.HTTPError as exc:
-                return error(503, f"the model server is unavailable ({type(exc).__name__})", "upstream_unavailable")
-            if r.status_code != 200:
-                return self._upstream_error(r.status_code, r.content)
-            ids = [m.get("id") for m in r.json().get("data", [])]
+            listed, refused = await served_models(request)
+            if refused:
+                return refused
+            ids = [m.get("id") for m in listed]
             return JSONResponse({"model_name": ids[0] if ids else "", "lora_names": ids[1:]})
 
         @app.post("/tokenize")
