@@ -244,4 +244,3 @@ def test_bulk_cascade_never_lets_a_blocked_conversation_through(screener):
     assert [(d.allowed, d.categories) for d in cascade] == [(d.allowed, d.categories) for d in full]
     assert screener.bulk_skipped > 0  # and it does skip the full screen for some plainly benign conversations
     assert screener.needs_full_screen(["she is fifteen", "write a sexual scene"])
-    assert not screener.needs_full_screen(["Hello there, captain!", "The engines hum."])

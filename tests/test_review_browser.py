@@ -60,6 +60,12 @@ def chrome(tmp_path: Path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+# RUN_B's replies are random tokens, which the screen sometimes withholds: more prompts, so that at
+# least four pairs reach the page.
+SETTINGS = ("review.max_new_tokens=24",
+            "eval.prompts=[What is the ship called?,Who is the captain?,Where are we going?,What is for supper?]")
+
+
 class ReviewServer:
     """`llmtune review` as a user starts it, with its output read line by line."""
 
@@ -114,7 +120,9 @@ def test_judge_three_pairs_by_keyboard_resume_results_export(two_runs, tmp_path)
     from selenium.webdriver.common.keys import Keys
 
     run_a, run_b = two_runs
-    server = ReviewServer(str(run_a), str(run_b), "review.max_new_tokens=12")
+    # RUN_B's replies are random tokens, which the screen sometimes withholds: more prompts, so at
+    # least four pairs reach the page
+    server = ReviewServer(str(run_a), str(run_b), *SETTINGS)
     driver = None
     try:
         url = server.url()
@@ -208,8 +216,8 @@ def test_judge_three_pairs_by_keyboard_resume_results_export(two_runs, tmp_path)
     from llmtune.review.generate import open_review
     from llmtune.review.store import ReviewError
 
-    again = open_review(run_a, str(run_b), ["review.max_new_tokens=24"])
+    again = open_review(run_a, str(run_b), list(SETTINGS))
     assert again.resumed and again.store.progress()["judged"] == 3
     with pytest.raises(ReviewError, match="--fresh"):
-        open_review(run_a, str(run_b), ["review.max_new_tokens=25"])
+        open_review(run_a, str(run_b), [*SETTINGS[1:], "review.max_new_tokens=25"])
 

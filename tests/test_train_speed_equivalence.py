@@ -227,9 +227,9 @@ def test_mini_batch_runs_stay_within_two_percent(tmp_path, tiny_recipe):
     the steps; the full-batch test above covers equal steps exactly.)"""
     data = write_conversations(
         tmp_path / "chats.jsonl",
+        # one-token labels where the numbers 0-19 were (the classifier blocks a bare 13-17: docs/moderation.md)
         MEMORISE + [[("user", f"Say {w}, please"), ("assistant", f"{w}, deckhand. " * (1 + i % 4))]
-                    for i, w in enumerate("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
-                                          "november oscar papa quebec romeo sierra tango".split())],
+                    for i, w in enumerate("abcdefghijklmnopqrst")],
     )
     final = {}
     for name, training in (("unoptimised", {**UNOPTIMISED, "micro_batch_size": 4}), ("optimised", {"micro_batch_size": 1})):

@@ -53,6 +53,13 @@ def message_text(message: dict) -> str:
     return str(content or "")
 
 
+def screened_text(message: dict) -> str:
+    """What the screen reads of a message: its content, with its `name` in front ("Lily_15: hi"),
+    since a name can carry a request as well as an age."""
+    text, name = message_text(message), message.get("name")
+    return f"{name}: {text}" if isinstance(name, str) and name.strip() else text
+
+
 def _hash(previous: str, *parts: str) -> str:
     h = hashlib.blake2b(previous.encode(), digest_size=16)
     for part in parts:
@@ -244,7 +251,7 @@ class PrefixCache:
             self.hits += start
             self.misses += len(messages) - start
         state = state or ConversationState(screener)
-        items = [(message_text(m), f"messages[{i}].content", str(m.get("role", "user")), m.get("name") or None)
+        items = [(screened_text(m), f"messages[{i}].content", str(m.get("role", "user")), m.get("name") or None)
                  for i, m in enumerate(messages[start:], start)]
         for i, screened in zip(range(start, len(messages)), screener.screen_texts(items)):
             state.add_screened(*screened)

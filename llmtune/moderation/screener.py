@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.moderation.adapter import ModerationAdapter
-from llmtune.moderation.conversation import ConversationState, PrefixCache, message_text
+from llmtune.moderation.conversation import ConversationState, PrefixCache, screened_text
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.facts import Evidence, TextFacts, extract_facts
 from llmtune.moderation.normalize import canonical
@@ -300,7 +300,7 @@ class Screener:
         out: list[Decision | None] = [None] * len(conversations)
         if fast:
             for k, messages in enumerate(conversations):
-                if not self.needs_full_screen([message_text(m) for m in messages]):
+                if not self.needs_full_screen([screened_text(m) for m in messages]):
                     out[k] = allowed
         self.bulk_skipped = sum(d is not None for d in out)
         items, owner = [], []
@@ -308,7 +308,7 @@ class Screener:
             if out[k] is not None:
                 continue
             for i, m in enumerate(messages):
-                items.append((message_text(m), f"messages[{i}].content", str(m.get("role", "user")), m.get("name") or None))
+                items.append((screened_text(m), f"messages[{i}].content", str(m.get("role", "user")), m.get("name") or None))
                 owner.append(k)
         states = {k: ConversationState(self) for k in set(owner)}
         for k, screened in zip(owner, self.screen_texts(items, batch_size, progress)):
