@@ -63,7 +63,7 @@ def chrome(tmp_path: Path):
 # RUN_B's replies are random tokens, which the screen sometimes withholds: more prompts, so that at
 # least four pairs reach the page.
 SETTINGS = ("review.max_new_tokens=24",
-            "eval.prompts=[What is the ship called?,Who is the captain?,Where are we going?,What is for supper?]")
+            'eval.prompts=["What is the ship called?","Who is the captain?","Where are we going?","What is for supper?"]')
 
 
 class ReviewServer:
