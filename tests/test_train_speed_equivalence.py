@@ -227,9 +227,9 @@ def test_mini_batch_runs_stay_within_two_percent(tmp_path, tiny_recipe):
     the steps; the full-batch test above covers equal steps exactly.)"""
     data = write_conversations(
         tmp_path / "chats.jsonl",
-        # one-token labels where the numbers 0-19 were (the classifier blocks a bare 13-17: docs/moderation.md)
+        # 18-22 where 13-17 were: the classifier blocks a bare 13-17 (docs/moderation.md, known defects)
         MEMORISE + [[("user", f"Say {w}, please"), ("assistant", f"{w}, deckhand. " * (1 + i % 4))]
-                    for i, w in enumerate("abcdefghijklmnopqrst")],
+                    for i, w in enumerate([*range(13), *range(18, 25)])],
     )
     final = {}
     for name, training in (("unoptimised", {**UNOPTIMISED, "micro_batch_size": 4}), ("optimised", {"micro_batch_size": 1})):
