@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtune.console import console
-from llmtune.moderation.errors import ModerationError
+from llmtune.moderation.errors import ModerationError, json_objects
 from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, ModerationConfig
 
 EVAL_DIR = Path("data/moderation/eval")
@@ -53,19 +53,8 @@ class EvalRow:
 
 def read_eval_rows(path: Path) -> list[EvalRow]:
     """Evaluation-format rows; template rows ({"text", "labels"}) are read too, as single texts."""
-    if not path.is_file():
-        raise ModerationError(f"evaluation set not found: {path}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ModerationError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise ModerationError(f"{where}: a row is a JSON object")
+    for n, where, obj in json_objects(path, "evaluation set"):
         if "expected" not in obj and "labels" in obj:  # a template split
             labels = obj["labels"]
             obj = {"id": f"{path.stem}-{n}", "text": obj.get("text"), "expected": "block" if labels else "allow",

@@ -39,7 +39,7 @@ from llmtune.moderation.adapter import (
     resolve_encoder,
 )
 from llmtune.moderation.bulk import PREFILTER_NAME, train_prefilter
-from llmtune.moderation.errors import ModerationError
+from llmtune.moderation.errors import ModerationError, json_objects
 from llmtune.moderation.normalize import canonical
 from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, SIGNALS
 
@@ -261,28 +261,16 @@ def _conversation_rows(obj: dict, where: str) -> list[Row]:
 
 def read_rows(path: Path, limit: int | None = None) -> list[Row]:
     """Text rows and conversation rows; a bad row is an error naming file and line."""
-    if not path.is_file():
-        raise ModerationError(f"moderation data file not found: {path}")
     rows: list[Row] = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ModerationError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ModerationError(f"{where}: a row is a JSON object")
-            if isinstance(obj.get("text"), str):
-                rows.append(_text_row(obj, obj["text"], where))
-            elif "messages" in obj:
-                rows += _conversation_rows(obj, where)
-            else:
-                raise ModerationError(f'{where}: a row needs "text" (a string) or "messages" (a conversation)')
-            if limit and len(rows) >= limit:
-                break
+    for _, where, obj in json_objects(path, "moderation data file"):
+        if isinstance(obj.get("text"), str):
+            rows.append(_text_row(obj, obj["text"], where))
+        elif "messages" in obj:
+            rows += _conversation_rows(obj, where)
+        else:
+            raise ModerationError(f'{where}: a row needs "text" (a string) or "messages" (a conversation)')
+        if limit and len(rows) >= limit:
+            break
     if not rows:
         raise ModerationError(f"{path}: no rows")
     return rows
