@@ -97,3 +97,38 @@ def test_export_writes_presets_modelfile_and_card(tmp_path, tiny_recipe):
     modelfile = (result.export_dir / "Modelfile").read_text()
     assert "ADAPTER ../adapter" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert "{{-" not in modelfile  # trim markers would eat the template's newlines
+
+
+def _walk(runtime_choices: list[int], want: list[int], margins: list[float], bound: float, eot: int = 99):
+    """compare_greedy against a runtime that answers `runtime_choices` in turn."""
+    from llmtune.export.gguf_verify import compare_greedy
+
+    answers, fed = iter(runtime_choices), []
+    return compare_greedy(want, margins, bound, eot, next_token=lambda: next(answers), feed=fed.append), fed
+
+
+def test_greedy_check_counts_a_near_tie_and_goes_on_from_the_merged_models_token():
+    (same, identical, ties), fed = _walk([1, 2, 7, 4, 99], [1, 2, 3, 4, 99], [5.0, 5.0, 0.01, 5.0, 5.0], bound=0.05)
+    assert (same, identical) == (5, 2)
+    assert ties == [{"token": 3, "merged_margin": 0.01}]
+    assert fed == [1, 2, 3, 4]  # the merged model's token 3 was fed, not the runtime's 7
+
+
+def test_greedy_check_fails_a_difference_at_a_wide_gap():
+    (same, identical, ties), _ = _walk([1, 2, 7, 4], [1, 2, 3, 4], [5.0, 5.0, 0.5, 5.0], bound=0.05)
+    assert (same, identical, ties) == (2, 2, [])
+
+
+def test_greedy_check_of_an_identical_reply_stops_at_end_of_turn():
+    (same, identical, ties), fed = _walk([1, 99], [1, 99], [3.0, 3.0], bound=0.0)
+    assert (same, identical, ties, fed) == (2, 2, [], [1])
+
+
+def test_rounding_gap_shift_is_the_largest_change_of_the_merged_models_top2_gap():
+    import numpy as np
+
+    from llmtune.export.gguf_verify import _gap_shift
+
+    ref = [np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.5]])]
+    cand = [np.array([[2.9, 1.1, 5.0], [0.0, 2.0, 1.5]])]  # row 0: gap 2.0 -> 1.8; token 2 is not in ref's top 2
+    assert _gap_shift(ref, cand) == pytest.approx(0.2)

@@ -4,8 +4,11 @@ Entry point: `verify_gguf(files, merged_dir, ...) -> list[GGUFVerification]`. Th
 model under transformers (float32) is the reference, on fixed inputs: the recipe's sample
 prompts and a few of the run's conversations. In llama.cpp (llama-cpp-python):
 
-- greedy replies to the sample prompts: f32/f16 files must reproduce the first N tokens
-  exactly (up to the end-of-turn token);
+- greedy replies to the sample prompts: f32/f16 files must reproduce the first N tokens (up
+  to the end-of-turn token). Where the merged model's two best tokens are closer than the file's
+  own rounding moves such a gap (measured on the conversations below: `rounding_gap_shift`),
+  llama.cpp may pick the other one; that position is reported as a near-tie and the check goes
+  on from the merged model's token. Any other difference fails;
 - top-1 agreement on every position of the conversations (teacher-forced);
 - a chat completion through the GGUF's *own* chat template must end by itself, at the
   end-of-turn token, wherever the merged model ends its reply within the same budget;
@@ -40,6 +43,7 @@ class Reference:
     prompt_ids: list[list[int]]
     prompt_texts: list[str]
     replies: list[list[int]]  # greedy, up to and including end-of-turn (or the budget)
+    margins: list[list[float]]  # per reply token: the merged model's top-1 minus top-2 logit there
     conversation_ids: list[list[int]]
     conversation_texts: list[str]
     logits: list  # per conversation, [positions, vocab] float32 numpy
@@ -52,8 +56,11 @@ class GGUFVerification:
     file: str
     type: str
     runtime: str | None  # "llama.cpp via llama-cpp-python X" or None when not installed
-    greedy_tokens_matched: list[int] | None = None
+    greedy_tokens_matched: list[int] | None = None  # equal, or a near-tie decided by rounding (greedy_ties)
     greedy_tokens_compared: list[int] | None = None
+    greedy_tokens_identical: list[int] | None = None  # before the first token that differs at all
+    greedy_ties: list[list[dict]] | None = None  # per prompt: where the file picked the other of two near-tied tokens
+    rounding_gap_shift: float | None = None  # the most the file moves the merged model's top-2 gap (conversations)
     top1_agreement: float | None = None
     positions: int | None = None
     stops_at_end_of_turn: list[bool | None] | None = None  # None: the merged model ran past the budget too
@@ -86,19 +93,24 @@ def reference(merged_dir: Path, tokenizer, prompts: list[list[dict]], conversati
 
     prompt_ids = [chat_ids(tokenizer, c, generation_prompt=True) for c in prompts]
     conv_ids = [chat_ids(tokenizer, c, generation_prompt=False) for c in conversations]
-    replies, logits = [], []
+    replies, margins, logits = [], [], []
     with torch.no_grad():
         for ids in prompt_ids:
             x = torch.tensor([ids], device=dev)
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=budget, do_sample=False,
-                                 eos_token_id=end_of_turn, pad_token_id=end_of_turn)[0, len(ids):].tolist()
-            replies.append(out[: out.index(end_of_turn) + 1] if end_of_turn in out else out)
+            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=budget, do_sample=False,
+                                 eos_token_id=end_of_turn, pad_token_id=end_of_turn, output_logits=True,
+                                 return_dict_in_generate=True)
+            out = gen.sequences[0, len(ids):].tolist()
+            reply = out[: out.index(end_of_turn) + 1] if end_of_turn in out else out
+            replies.append(reply)
+            top2 = [step[0].float().topk(2).values for step in gen.logits[: len(reply)]]
+            margins.append([float(t[0] - t[1]) for t in top2])
         for ids in conv_ids:
             logits.append(model(torch.tensor([ids], device=dev), use_cache=False).logits[0].float().cpu().numpy())
     del model
     return Reference(
         prompt_ids, [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in prompts],
-        replies, conv_ids, [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations],
+        replies, margins, conv_ids, [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations],
         logits, end_of_turn, budget,
     )
 
@@ -110,6 +122,41 @@ def _top1(reference_logits: list, candidate_logits: list) -> tuple[float, int, f
     total = sum(a.shape[0] for a in reference_logits)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(reference_logits, candidate_logits))
     return same / total, total, diff
+
+
+def _gap_shift(reference_logits: list, candidate_logits: list) -> float:
+    """How far the file moves the gap between the merged model's two best tokens, at most, over
+    every teacher-forced position: the size of a near-tie its rounding can decide."""
+    import numpy as np
+
+    worst = 0.0
+    for a, b in zip(reference_logits, candidate_logits):
+        top2 = np.argpartition(-a, 1, axis=-1)[:, :2]
+        gap_a = np.take_along_axis(a, top2, -1) @ np.array([1.0, -1.0])
+        gap_b = np.take_along_axis(b, top2, -1) @ np.array([1.0, -1.0])
+        worst = max(worst, float(np.abs(gap_a - gap_b).max()))
+    return worst
+
+
+def compare_greedy(want: list[int], margins: list[float], tie_bound: float, end_of_turn: int,
+                   next_token, feed) -> tuple[int, int, list[dict]]:
+    """Walk the merged model's greedy reply `want` in a runtime (`next_token()`: its argmax now;
+    `feed(t)`: append t). Returns (tokens equal or near-tied, tokens before the first difference
+    of any kind, the near-ties). A difference where the merged model's top-2 gap is at most
+    `tie_bound` is a near-tie: recorded, and the walk goes on from the merged model's token; any
+    other difference ends the walk."""
+    same, first_difference, ties = 0, None, []
+    for i, expected in enumerate(want):
+        if next_token() != expected:
+            first_difference = i if first_difference is None else first_difference
+            if margins[i] > tie_bound:
+                break
+            ties.append({"token": i + 1, "merged_margin": margins[i]})
+        same += 1
+        if expected == end_of_turn:
+            break
+        feed(expected)
+    return same, same if first_difference is None else first_difference, ties
 
 
 def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: int, threads: int,
@@ -134,28 +181,27 @@ def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: 
             llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
             for text, ids in zip(ref.prompt_texts + ref.conversation_texts, ref.prompt_ids + ref.conversation_ids)
         )
-        matched, compared = [], []
-        for ids, reply in zip(ref.prompt_ids, ref.replies):
-            want = reply[:greedy_tokens]
-            llm.reset()
-            llm.eval(ids)
-            got: list[int] = []
-            while len(got) < len(want):
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                got.append(token)
-                if token == ref.end_of_turn:
-                    break
-                llm.eval([token])
-            same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            matched.append(same)
-            compared.append(len(want))
-        result.greedy_tokens_matched, result.greedy_tokens_compared = matched, compared
         logits = []
         for ids in ref.conversation_ids:
             llm.reset()
             llm.eval(ids)
             logits.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
         result.top1_agreement, result.positions, _ = _top1(ref.logits, logits)
+        result.rounding_gap_shift = _gap_shift(ref.logits, logits)
+        matched, identical, compared, ties = [], [], [], []
+        for ids, reply, margins in zip(ref.prompt_ids, ref.replies, ref.margins):
+            want = reply[:greedy_tokens]
+            llm.reset()
+            llm.eval(ids)
+            same, first_difference, prompt_ties = compare_greedy(
+                want, margins, result.rounding_gap_shift, ref.end_of_turn,
+                next_token=lambda: int(np.argmax(llm.scores[llm.n_tokens - 1])), feed=lambda t: llm.eval([t]))
+            matched.append(same)
+            identical.append(first_difference)
+            compared.append(len(want))
+            ties.append(prompt_ties)
+        result.greedy_tokens_matched, result.greedy_tokens_compared = matched, compared
+        result.greedy_tokens_identical, result.greedy_ties = identical, ties
         # Through the GGUF's chat template and EOS, as llama-server / KoboldCpp / Ollama would.
         eot_text = llm._model.token_get_text(ref.end_of_turn)
         stops, texts = [], []
@@ -267,6 +313,11 @@ def describe(v: GGUFVerification) -> str:
     parts = []
     if v.runtime:
         g = ", ".join(f"{m}/{n}" for m, n in zip(v.greedy_tokens_matched, v.greedy_tokens_compared))
+        tie_list = [f"prompt {i + 1} token {t['token']} (gap {t['merged_margin']:.3g})"
+                    for i, ts in enumerate(v.greedy_ties or []) for t in ts]
+        if tie_list:
+            g += (f" [near-ties decided by rounding, gap <= the file's {v.rounding_gap_shift:.3g}: "
+                  f"{', '.join(tie_list)}]")
         stops = ["yes" if s else ("n/a" if s is None else "NO") for s in v.stops_at_end_of_turn]
         parts.append(f"llama.cpp: greedy tokens equal {g}, top-1 agreement {v.top1_agreement:.4f} over {v.positions} "
                      f"positions, stops at end-of-turn {'/'.join(stops)}, tokenizer {'same' if v.tokenizer_matches else 'DIFFERENT'}")

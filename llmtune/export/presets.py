@@ -345,7 +345,9 @@ def _local_guide(recipe: Recipe, files: list[dict], seq: RoleSequences, context:
             check = "not verified (export.gguf_verify=false)"
         elif v["runtime"]:
             greedy = ", ".join(f"{m}/{n}" for m, n in zip(v["greedy_tokens_matched"], v["greedy_tokens_compared"]))
-            check = f"greedy tokens equal {greedy}; top-1 agreement {v['top1_agreement']:.3f}"
+            ties = sum(len(t) for t in v.get("greedy_ties") or [])
+            tied = f" ({ties} near-tie{'s' if ties != 1 else ''} decided by 16-bit rounding)" if ties else ""
+            check = f"greedy tokens equal {greedy}{tied}; top-1 agreement {v['top1_agreement']:.3f}"
         else:
             check = "llama.cpp not installed here; transformers read-back only"
         rows.append(f"| `{f['file']}` | {f['bytes'] / 2**20:.0f} MiB | {check} |")
