@@ -11,7 +11,8 @@ prompts and a few of the run's conversations. In llama.cpp (llama-cpp-python):
   on from the merged model's token. Any other difference fails;
 - top-1 agreement on every position of the conversations (teacher-forced);
 - a chat completion through the GGUF's *own* chat template must end by itself, at the
-  end-of-turn token, wherever the merged model ends its reply within the same budget;
+  end-of-turn token, wherever the merged model ends its reply within the same budget (within
+  twice the merged model's reply length plus 16 tokens);
 - llama.cpp's tokenizer must encode the rendered prompts exactly as the training tokenizer.
 
 llama.cpp must also read the training chat template, EOS and EOT from the file. Then
@@ -27,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +70,7 @@ class GGUFVerification:
     tokenizer_matches: bool | None = None
     metadata_matches: bool | None = None  # chat template, EOS and EOT as llama.cpp reads them
     readback: dict | None = None  # transformers' GGUF loader
+    seconds: float | None = None  # this file's llama.cpp checks
     failures: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -206,12 +209,15 @@ def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: 
         eot_text = llm._model.token_get_text(ref.end_of_turn)
         stops, texts = [], []
         for chat, reply in zip(messages, ref.replies):
-            out = llm.create_chat_completion(messages=chat, max_tokens=ref.budget, temperature=0.0, top_k=1,
+            merged_stops = bool(reply) and reply[-1] == ref.end_of_turn
+            # Where the merged model ends its reply, the file gets twice that length (and 16 more
+            # tokens) to end its own, which may differ: decoding past that would only cost time.
+            budget = min(ref.budget, 2 * len(reply) + 16) if merged_stops else ref.budget
+            out = llm.create_chat_completion(messages=chat, max_tokens=budget, temperature=0.0, top_k=1,
                                              top_p=1.0, min_p=0.0, repeat_penalty=1.0)
             choice = out["choices"][0]
             text = choice["message"]["content"] or ""
             texts.append(text)
-            merged_stops = bool(reply) and reply[-1] == ref.end_of_turn
             ended = choice["finish_reason"] == "stop" and eot_text not in text
             stops.append(ended if merged_stops else (ended or None))
         result.stops_at_end_of_turn, result.reply_text = stops, texts
@@ -362,13 +368,18 @@ def verify_gguf(
     threads, torch_threads = max(1, threads - 1), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        t0 = time.perf_counter()
         ref = reference(merged_dir, tokenizer, prompts, conversations, eot, budget=4 * greedy_tokens)
-        results = [
-            check_in_llama_cpp(path, outtype, ref, greedy_tokens, threads, prompts, chat_template) if runtime
-            else GGUFVerification(path.name, outtype, None)
-            for path, outtype in files
-        ]
+        timings = {"reference": time.perf_counter() - t0}
+        results = []
+        for path, outtype in files:
+            t0 = time.perf_counter()
+            results.append(check_in_llama_cpp(path, outtype, ref, greedy_tokens, threads, prompts, chat_template)
+                           if runtime else GGUFVerification(path.name, outtype, None))
+            results[-1].seconds = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
         stderr = proc.communicate()[1]
+        timings["read-back wait"] = time.perf_counter() - t0
         for v, (path, _) in zip(results, files):
             if path in read_back:
                 v.readback = _finish_read_back(path, ref, proc.returncode, stderr)
@@ -383,6 +394,8 @@ def verify_gguf(
     for v in results:
         judge(v, min_top1, rope_freqs)
         console.print(f"  {v.file}: {describe(v)}{'' if not v.failures else ' [red]FAILED[/]'}")
+    spent = ", ".join(f"{k} {t:.1f}s" for k, t in timings.items())
+    console.print(f"  verification time: {spent}, llama.cpp checks " + ", ".join(f"{v.type} {v.seconds:.1f}s" for v in results))
     return results
 
 
