@@ -9,7 +9,8 @@ import yaml
 
 from llmtune.config import load_recipe
 from llmtune.data.formats import read_source
-from llmtune.data.prepare import PreparedData, prepare, render_masked, split_of
+from llmtune.artifacts import PreparedData
+from llmtune.data.prepare import prepare, render_masked, split_of
 from llmtune.data.template import (
     IGNORE_INDEX,
     NAMED_TEMPLATES,

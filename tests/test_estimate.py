@@ -335,7 +335,7 @@ def test_auto_gradient_checkpointing_turns_on_only_when_memory_demands_it():
 
 
 def preference_recipe(path: Path, **preference) -> Recipe:
-    doc = yaml.safe_load(path.read_text())
+    doc = load_recipe(path).model_dump(mode="json")  # the resolved recipe (GPU recipes extend recipes/base/)
     doc["preference"] = {"sources": [{"path": "pairs.jsonl"}], **preference}
     doc["stages"] = ["prepare", "train", "preference", "eval"]
     return Recipe.model_validate(doc)

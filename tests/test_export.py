@@ -11,15 +11,16 @@ from llmtune.data.prepare import prepare
 from llmtune.data.template import _render
 from llmtune.data.types import Message
 from llmtune.export.merge import MergeError, merge
-from llmtune.export.presets import export_for_apps, role_sequences
+from llmtune.data.template import role_sequences
+from llmtune.export.presets import export_for_apps
 from llmtune.train.sft import train
 from tests.conftest import DATA
 
 
-def test_lora_merge_matches_base_plus_adapter_and_stops_at_end_of_turn(memorised_run):
+def test_lora_merge_matches_base_plus_adapter_and_stops_at_end_of_turn(memorised_copy):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = merge(memorised_run)
+    result = merge(memorised_copy)
     [check] = result.checks
     assert check.max_abs_logit_diff < 1e-3 and check.top1_agreement == 1.0
     merged = result.merged_dir
@@ -29,7 +30,7 @@ def test_lora_merge_matches_base_plus_adapter_and_stops_at_end_of_turn(memorised
     eot_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token == "<|im_end|>" and model.generation_config.eos_token_id in (eot_id, [eot_id, tokenizer.eos_token_id])
     chat = [{"role": "system", "content": "You are Mara."}, {"role": "user", "content": "What is the ship called?"}]
-    prepared = json.loads((memorised_run.run_dir / "data" / "prepared.json").read_text())
+    prepared = json.loads((memorised_copy.run_dir / "data" / "prepared.json").read_text())
     assert tokenizer.chat_template == prepared["chat_template"]
     ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:]

@@ -10,7 +10,6 @@ import httpx
 import openai
 from openai import OpenAI
 
-from llmtune.export.merge import merge
 from llmtune.moderation import load_screener
 from llmtune.serve.config import ServeConfig
 from llmtune.serve.gateway import create_app
@@ -20,10 +19,8 @@ from llmtune.serve.store import open_store
 from llmtune.serve.vllm_server import VLLMConfig, VLLMServer, VLLMSupervisor
 
 
-def test_vllm_killed_mid_stream_then_restarted(memorised_run, tmp_path):
-    run_dir = memorised_run.run_dir
-    if not (run_dir / "merged").exists():
-        merge(memorised_run)
+def test_vllm_killed_mid_stream_then_restarted(merged_run, tmp_path):
+    run_dir = merged_run.run_dir
     cfg = ServeConfig(store=str(tmp_path / "llmtune.db"), screen_window_chars=4)
     keys = open_store(cfg.store)
     key, _ = keys.add("adult", AgeVerification("id-document", "test", "2026-11-25"))

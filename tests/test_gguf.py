@@ -16,6 +16,7 @@ import pytest
 
 from llmtune.config import load_recipe
 from tests import gguf_families
+from tests.conftest import copy_run
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install` (pip install '.[gguf]')")
 
@@ -47,14 +48,11 @@ def load(path, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def gguf_run(memorised_run):
-    """The memorised tiny run (embedded:tiny-random-llama, SmolLM2 tokenizer), merged and exported."""
-    from llmtune.export.merge import merge
+def gguf_run(merged_run, tmp_path_factory):
+    """The memorised tiny run (embedded:tiny-random-llama, SmolLM2 tokenizer), merged, copied and exported."""
     from llmtune.export.presets import export_for_apps
 
-    if not (memorised_run.run_dir / "merged" / "config.json").exists():
-        merge(memorised_run)
-    recipe = load_recipe(memorised_run.source_path, ["export.gguf_threads=1"])
+    recipe = copy_run(merged_run, tmp_path_factory.mktemp("gguf-run"), ["export.gguf_threads=1"])
     return recipe, export_for_apps(recipe)
 
 

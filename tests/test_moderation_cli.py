@@ -76,7 +76,8 @@ def test_moderation_train_tiny_subset_writes_a_loadable_adapter(app, tmp_path):
     from peft import PeftModel
     from transformers import AutoModel
 
-    from llmtune.moderation.adapter import ModerationAdapter, minilm_dir
+    from llmtune.encoder import minilm_dir
+    from llmtune.moderation.adapter import ModerationAdapter
 
     data = REPO / "data" / "moderation"
     recipe = yaml.safe_load((REPO / "recipes" / "moderation.yaml").read_text())

@@ -71,7 +71,7 @@ def test_fast_encoder_matches_transformers_plus_peft():
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    from llmtune.moderation.adapter import mean_pool, minilm_dir
+    from llmtune.encoder import mean_pool, minilm_dir
 
     adapter_dir = shipped_adapter_dir()
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(minilm_dir())), str(adapter_dir)).eval()

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from llmtune.distributed import free_port
 from llmtune.errors import LlmtuneError
 from llmtune.launch import ACCELERATE_CONFIGS, accelerate_command, launch_training, resolve_accelerate_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_launch_command_on_cpu_splits_the_cores():

@@ -5,7 +5,6 @@ multi-node command for every shipped engine config."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from llmtune.distributed import DistributedError, NodeSpec, RankGroup, handshake, setting_differences
+from llmtune.distributed import DistributedError, NodeSpec, RankGroup, free_port, handshake, setting_differences
 from llmtune.launch import ACCELERATE_CONFIGS, accelerate_command
 from tests.conftest import REPO, run_cli
 
 TIMEOUT = 240  # seconds a two-node launch may take here before the test calls it a hang
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_node(recipe: Path, rank: int, port: int, *extra: str, nnodes: int = 2, rdzv_timeout: int = 60) -> subprocess.Popen:

@@ -41,16 +41,13 @@ def chat(gw: GatewayProcess, key: str, content: str = "What is the ship called?"
                       timeout=120)
 
 
-def test_two_replicas_on_real_vllm_revoke_through_the_cli_gets_401_on_both(memorised_run, postgres, redis_server, tmp_path):
-    from llmtune.export.merge import merge
+def test_two_replicas_on_real_vllm_revoke_through_the_cli_gets_401_on_both(merged_run, postgres, redis_server, tmp_path):
     from llmtune.serve.vllm_server import VLLMConfig, VLLMServer
 
-    if not (memorised_run.run_dir / "merged").exists():
-        merge(memorised_run)
     url = postgres.new_database()
     store = open_store(url)
     key, record = store.add("adult", VERIFIED)
-    vcfg = VLLMConfig(model=str(memorised_run.run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=512)
+    vcfg = VLLMConfig(model=str(merged_run.run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=512)
     config = gateway_config(tmp_path, "gw", store=url, rate_limit_storage=redis_server.url, upstream_api_key=vcfg.api_key,
                             rate_limit={"requests_per_minute": 6000, "burst": 100})
     with VLLMServer(vcfg, log_path=tmp_path / "vllm.log") as vllm:
@@ -146,7 +143,7 @@ def test_an_unreachable_store_or_rate_limit_storage_is_a_503_never_an_unchecked_
     from llmtune.serve.config import ServeConfig
     from llmtune.serve.gateway import create_app
     from llmtune.serve.store import Store
-    from llmtune.serve.vllm_server import free_port
+    from llmtune.distributed import free_port
 
     store = open_store(str(tmp_path / "llmtune.db"))
     key, _ = store.add("adult", VERIFIED)

@@ -145,7 +145,7 @@ def pref_recipe(tmp_path, sources: list[dict], **preference) -> Path:
 
 def prepared(path: Path, *overrides: str):
     from llmtune.data.prepare import prepare
-    from llmtune.data.preference import PreparedPreference
+    from llmtune.artifacts import PreparedPreference
 
     recipe = load_recipe(path, list(overrides))
     prepare(recipe)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from llmtune.config import load_recipe
-from llmtune.report import read_metrics
+from llmtune.artifacts import read_metrics
 from tests.conftest import MEMORISE, REPO, run_cli, tiny_recipe_dict, write_conversations
 
 SLOP = ["As an AI, I cannot say.", "A shiver runs down my spine as I answer.", "Maybe, just maybe, the answer awaits.",
@@ -75,7 +75,7 @@ def test_dpo_on_the_sft_model_the_reference_is_the_adapter_disabled(sft_run, mon
     from transformers import AutoModelForCausalLM
     from trl.trainer import dpo_trainer
 
-    from llmtune.data.preference import PreparedPreference
+    from llmtune.artifacts import PreparedPreference
     from llmtune.eval.evaluate import pair_logps, preference_scores
     from llmtune.models import resolve_base
     from llmtune.train.preference import train_preference

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import MEMORISE, REPO, run_cli, tiny_recipe_dict, write_conversations
+from tests.conftest import MEMORISE, REPO, copy_run, run_cli, tiny_recipe_dict, write_conversations
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -33,7 +33,8 @@ def two_runs(tmp_path_factory, memorised_run):
     from llmtune.data.prepare import prepare
     from llmtune.train.sft import train
 
-    save_resolved(memorised_run, memorised_run.run_dir)
+    recipe_a = copy_run(memorised_run, tmp_path_factory.mktemp("review-a"))
+    save_resolved(recipe_a, recipe_a.run_dir)
     tmp = tmp_path_factory.mktemp("review-b")
     path = tmp / "b.yaml"
     data = write_conversations(tmp / "m.jsonl", MEMORISE)
@@ -42,7 +43,7 @@ def two_runs(tmp_path_factory, memorised_run):
     recipe_b = load_recipe(path)
     save_resolved(recipe_b, recipe_b.run_dir)
     train(recipe_b, prepare(recipe_b))
-    return memorised_run.run_dir, recipe_b.run_dir
+    return recipe_a.run_dir, recipe_b.run_dir
 
 
 def chrome(tmp_path: Path):

@@ -12,7 +12,7 @@ import torch
 
 from llmtune.config import load_recipe
 from llmtune.data.prepare import prepare
-from llmtune.report import read_metrics
+from llmtune.artifacts import read_metrics
 from llmtune.train.sft import train
 from tests.conftest import MEMORISE, write_conversations
 

@@ -172,7 +172,7 @@ def test_8_docs_and_metrics_are_not_open(gw):
 
 
 def test_8_metrics_on_their_own_loopback_port(served, tmp_path):
-    from llmtune.serve.vllm_server import free_port
+    from llmtune.distributed import free_port
 
     keys = open_store(str(tmp_path / "llmtune.db"))
     port = free_port()

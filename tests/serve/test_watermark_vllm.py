@@ -17,7 +17,7 @@ import yaml
 
 from llmtune.serve.keys import AgeVerification
 from llmtune.serve.store import open_store
-from llmtune.serve.vllm_server import free_port
+from llmtune.distributed import free_port
 from llmtune.watermark.detect import DetectRequest, Detector
 from llmtune.watermark.scheme import SCHEME, WatermarkKey
 from llmtune.watermark.secret import SECRET_ENV, deployment_key
