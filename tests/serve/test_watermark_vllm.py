@@ -23,6 +23,8 @@ from llmtune.watermark.scheme import SCHEME, WatermarkKey
 from llmtune.watermark.secret import SECRET_ENV, deployment_key
 from tests.conftest import REPO, run_cli
 
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
 MESSAGES = [{"role": "system", "content": "You are Mara, captain of the Kestrel."},
             {"role": "user", "content": "Tell me about the voyage north."}]
 
