@@ -9,7 +9,7 @@ DEVICE ?= cpu
 # Servers the tests start on loopback (PostgreSQL, Redis); Debian packages, installed once.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install services browser demo demo-dpo test clean-runs
+.PHONY: install services browser demo demo-dpo test test-fast clean-runs
 
 install: $(STAMP) browser
 
@@ -18,7 +18,7 @@ install: $(STAMP) browser
 browser:
 	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
 	elif ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "note: install Chromium and chromedriver for tests/test_review_browser.py (no apt-get here)"; \
+	  echo "note: install Chromium and chromedriver for tests/review/test_review_browser.py (no apt-get here)"; \
 	else \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; \
@@ -65,6 +65,10 @@ demo-dpo: install
 
 test: install services
 	$(BIN)/python -m pytest -q tests
+
+# The edit-test loop: no model training, serving or multi-process runs (markers in pyproject.toml).
+test-fast: install services
+	$(BIN)/python -m pytest -q tests -m "not slow and not vllm"
 
 clean-runs:
 	rm -rf runs

@@ -251,12 +251,17 @@ def repo_relative(path: Path) -> str:
     return os.path.relpath(path, REPO) if path.is_relative_to(REPO) else str(path)
 
 
+def resolved_recipe(path: str) -> dict:
+    """A shipped recipe with its `extends:` base and every default filled in."""
+    from llmtune.config import load_recipe
+
+    return load_recipe(REPO / path).model_dump(mode="json")
+
+
 def speed_recipe(plan_d: dict, spec: dict, mdir: Path) -> dict:
     """The 24 GB recipe's hyper-parameters, one epoch over the bench set, everything trained (as TRL does)."""
-    import yaml
-
     p = speed_paths(plan_d)
-    doc = yaml.safe_load((REPO / spec["recipe"]["recipe"]).read_text())
+    doc = resolved_recipe(spec["recipe"]["recipe"])
     doc.update(name="gpucheck-speed", stages=["prepare", "train"], eval={"prompts": []},
                output={"dir": repo_relative(p["runs"])})
     doc["model"]["base"] = str(mdir)
@@ -301,9 +306,7 @@ def prepare_speed_data(plan_d: dict, spec: dict) -> Path:
 
 def trl_command(plan_d: dict, spec: dict, mdir: Path, out: Path, liger: bool) -> list[str]:
     """`trl sft` with the recipe's hyper-parameters (TRL's CLI flags, TRL's own data handling)."""
-    import yaml
-
-    doc = yaml.safe_load((REPO / spec["recipe"]["recipe"]).read_text())
+    doc = resolved_recipe(spec["recipe"]["recipe"])
     t, q = doc["training"], doc["quantization"]
     cuda = plan_d["device"] == "cuda"
     cmd = [shutil.which("trl") or str(Path(sys.executable).parent / "trl"), "sft",

@@ -50,7 +50,7 @@ class Baseline:
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
-        from llmtune.moderation.adapter import minilm_dir
+        from llmtune.encoder import minilm_dir
 
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
@@ -59,7 +59,7 @@ class Baseline:
         self.w, self.b = head["weight"], head["bias"]
 
     def scores(self, texts: list[str]):
-        from llmtune.moderation.adapter import mean_pool
+        from llmtune.encoder import mean_pool
         from llmtune.moderation.normalize import canonical
 
         with self.torch.inference_mode():

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import typer
 from llmtune.config import load_recipe
-from llmtune.errors import LlmtuneError
+from llmtune.console import call as _call
+from llmtune.console import exit_with as _exit_with
+from llmtune.serve.vllm_server import VLLMConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -27,19 +29,6 @@ def _recipe(path: Path, overrides: list[str] | None):
     if path.is_dir():
         path = path / "recipe.yaml"  # a run directory: its fully resolved recipe
     return load_recipe(path, overrides or [])
-
-
-def _call(fn, *args, **kwargs):
-    """Run a stage; turn user-facing errors into one red line and exit code 2 (no traceback)."""
-    try:
-        return fn(*args, **kwargs)
-    except (LlmtuneError, FileNotFoundError) as exc:
-        _exit_with(str(exc))
-
-
-def _exit_with(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise typer.Exit(2)
 
 
 @app.command(epilog="Example: `llmtune run recipes/demo-cpu.yaml training.max_steps=20`")
@@ -88,7 +77,7 @@ def train(
     import os
 
     from llmtune.config import save_resolved
-    from llmtune.data.prepare import PreparedData
+    from llmtune.artifacts import PreparedData, RunDir
     from llmtune.train.sft import train as train_stage
 
     def go():
@@ -109,8 +98,8 @@ def train(
 
             train_on_ranks(r, resume=resume)
             return
-        if not (r.run_dir / "data" / "prepared.json").exists():
-            raise FileNotFoundError(f"no prepared data in {r.run_dir / 'data'}; run `llmtune prepare {recipe}` first")
+        if not RunDir(r.run_dir).prepared.exists():
+            raise FileNotFoundError(f"no prepared data in {RunDir(r.run_dir).data}; run `llmtune prepare {recipe}` first")
         save_resolved(r, r.run_dir)
         train_stage(r, PreparedData.load(r.run_dir), resume=resume)
 
@@ -124,13 +113,15 @@ def preference(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete preference checkpoint."),
 ) -> None:
     """Preference-tune (DPO, KTO, ORPO, SimPO) on the pairs `llmtune prepare` made, on top of the SFT adapter."""
+    from llmtune.artifacts import RunDir
     from llmtune.config import save_resolved
     from llmtune.train.preference import train_preference
 
     def go():
         r = _recipe(recipe, overrides)
-        if not (r.run_dir / "data" / "preference" / "prepared.json").exists():
-            raise FileNotFoundError(f"no prepared preference data in {r.run_dir / 'data' / 'preference'}; "
+        run = RunDir(r.run_dir)
+        if not run.preference_prepared.exists():
+            raise FileNotFoundError(f"no prepared preference data in {run.preference_data}; "
                                     f"run `llmtune prepare {recipe}` first (the recipe needs a `preference:` section)")
         save_resolved(r, r.run_dir)
         train_preference(r, resume=resume)
@@ -146,8 +137,15 @@ def eval_(
 ) -> None:
     """Compare the fine-tune with its base on the held-back split: eval loss and sample replies."""
     from llmtune.eval.evaluate import evaluate
+    from llmtune.report import write_run_report
 
-    result = _call(lambda: evaluate(_recipe(recipe, overrides)))
+    def go():
+        r = _recipe(recipe, overrides)
+        result = evaluate(r)
+        write_run_report(r)
+        return result
+
+    result = _call(go)
     if as_json:
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
 
@@ -190,19 +188,20 @@ def serve(
     rate_limit_storage: str = typer.Option(None, "--rate-limit-storage", envvar="LLMTUNE_RATE_LIMIT_STORAGE",
                                            help="memory:// or redis://HOST:6379/0 (overrides the config)."),
     upstream: str = typer.Option(None, "--upstream", help="Run only the gateway, in front of this vLLM URL (no TARGET)."),
-    eager: bool = typer.Option(True, "--eager/--no-eager", help="vLLM --enforce-eager (CPU: ready in ~30 s)."),
-    tensor_parallel_size: int = typer.Option(1, "--tp", help="vLLM tensor-parallel size (GPUs)."),
-    max_model_len: int = typer.Option(2048, help="vLLM context length."),
+    eager: bool = typer.Option(VLLMConfig.enforce_eager, "--eager/--no-eager", help="vLLM --enforce-eager (CPU: ready in ~30 s)."),
+    tensor_parallel_size: int = typer.Option(VLLMConfig.tensor_parallel_size, "--tp", min=1, help="vLLM tensor-parallel size (GPUs)."),
+    max_model_len: int = typer.Option(VLLMConfig.max_model_len, min=1, help="vLLM context length."),
 ) -> None:
     """Serve a model: vLLM on loopback behind the moderated, authenticated OpenAI-compatible gateway."""
-    from llmtune.serve.config import load_serve_config
+    from llmtune.schema import assign
+    from llmtune.serve.config import ServeConfigError, load_serve_config
     from llmtune.serve.run import ServeRequest, serve as serve_stage, serve_gateway
 
     def go():
         cfg = load_serve_config(config)
         for name, value in (("port", port), ("host", host), ("store", store), ("rate_limit_storage", rate_limit_storage)):
-            if value:
-                setattr(cfg, name, value)
+            if value is not None:  # checked like the same key in the config file
+                assign(cfg, name, value, f"--{name.replace('_', '-')}", ServeConfigError)
         if (target is None) == (upstream is None):
             _exit_with("give a run or model directory to serve, or --upstream URL of a running vLLM (not both)")
         if upstream:
@@ -272,12 +271,13 @@ def review(
     overrides = [a for a in args if "=" in a]
     if len(positional) not in (1, 2) or args[: len(positional)] != positional:
         _exit_with("usage: llmtune review RUN_A [RUN_B | base] [section.key=value ...]")
+    from llmtune.report import write_run_report
     from llmtune.review.generate import BASE, open_review
     from llmtune.review.server import serve_review
 
     def go():
         r = open_review(Path(positional[0]), positional[1] if len(positional) == 2 else BASE, overrides, fresh)
-        serve_review(r, port)
+        serve_review(r, port, on_results=lambda _results: write_run_report(r.recipe_a))
 
     _call(go)
 

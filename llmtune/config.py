@@ -7,21 +7,18 @@ This module imports nothing heavy so that a bad recipe fails in well under a sec
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import Field, field_validator, model_validator
+
 from llmtune.errors import RecipeError
 from llmtune.moderation.policy import ModerationConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from llmtune.schema import MaxSteps, Output, RecipeFile, Section, load_yaml_model
 
 STAGES = ("prepare", "train", "preference", "eval", "merge", "export")
 Stage = Literal["prepare", "train", "preference", "eval", "merge", "export"]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
@@ -139,7 +136,7 @@ class QuantizationConfig(Section):
 
 
 class TrainingConfig(Section):
-    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
+    max_steps: MaxSteps = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training split when max_steps is -1.")
     micro_batch_size: int = Field(4, gt=0, description="Sequences per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -173,7 +170,7 @@ class TrainingConfig(Section):
         True,
         description="Without packing, batch conversations of similar length together so batches carry less padding.",
     )
-    seed: int = Field(42, description="Seed for data order, LoRA init and sampling.")
+    seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and sampling.")
     logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
     eval_steps: int = Field(20, gt=0, description="Evaluate (loss + sample replies) every N steps.")
     save_steps: int = Field(20, gt=0, description="Write an atomic checkpoint every N steps.")
@@ -248,7 +245,7 @@ class PreferenceConfig(Section):
         description="Compute the reference log-probs of every example once before training (DPO/KTO): saves the "
         "reference forward pass of every step after the first epoch.",
     )
-    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
+    max_steps: MaxSteps = Field(-1, description="Optimizer steps; -1 trains for `epochs` instead.")
     epochs: float = Field(1.0, gt=0, description="Passes over the preference training split when max_steps is -1.")
     micro_batch_size: int = Field(2, gt=0, description="Examples (pairs) per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -300,7 +297,7 @@ class ReviewConfig(Section):
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling of review replies.")
     batch_size: int = Field(8, gt=0, description="Chats generated at once for review.")
     seed: int | None = Field(
-        None, description="Seed of the review's sampling, pair order and left/right placement; null uses training.seed."
+        None, ge=0, description="Seed of the review's sampling, pair order and left/right placement; null uses training.seed."
     )
 
 
@@ -355,14 +352,7 @@ class ExportConfig(Section):
     )
 
 
-class OutputConfig(Section):
-    dir: str = Field("runs", description="Parent directory of run directories (relative to the working directory).")
-    name: str | None = Field(None, description="Run directory name; null uses the recipe's name.")
-
-
-class Recipe(Section):
-    name: str = Field(description="Recipe name; also the default run directory name.")
-    description: str | None = Field(None, description="One line on what this recipe is for.")
+class Recipe(RecipeFile):
     stages: list[Stage] = Field(
         default_factory=lambda: [s for s in STAGES if s != "preference"],
         description="Stages `llmtune run` executes, in order. Left out: every stage, `preference` only when the "
@@ -387,10 +377,7 @@ class Recipe(Section):
     )
     merge: MergeConfig = Field(default_factory=MergeConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
-    output: OutputConfig = Field(default_factory=OutputConfig)
-
-    # Where the recipe came from; relative data paths resolve against it. Not a recipe key.
-    source_path: Path | None = Field(None, exclude=True)
+    output: Output = Field(default_factory=Output)
 
     @model_validator(mode="before")
     @classmethod
@@ -408,167 +395,18 @@ class Recipe(Section):
             raise ValueError("the `preference` stage needs a `preference:` section (method, sources); see docs/preference.md")
         return self
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output.dir) / (self.output.name or self.name)
-
-    def resolve_path(self, path: str) -> Path:
-        """A recipe path: absolute as is; else beside the recipe file if it exists there, else
-        relative to the working directory (recipes under recipes/ name data/... from the repo root)."""
-        p = Path(path).expanduser()
-        if not p.is_absolute() and self.source_path is not None:
-            beside = self.source_path.parent / p
-            if beside.exists():
-                return beside.resolve()
-        return p.resolve()
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, overrides, and errors that point at the line
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line number."""
-    lines: dict[tuple[str, ...], int] = {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = (*path, str(key_node.value))
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                lines[(*path, str(i))] = item.start_mark.line + 1
-                walk(item, (*path, str(i)))
-
-    walk(root, ())
-    return lines
-
-
-def _section_model(path: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at `path` (for suggestions)."""
-    model: Any = Recipe
-    for part in path[:-1]:
-        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
-            continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None:
-            return None
-        ann = field.annotation
-        inner = getattr(ann, "__args__", None)
-        candidates = [ann, *(inner or [])]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        model = nxt
-    return model
-
-
-def _valid_keys(model: type[BaseModel]) -> list[str]:
-    return [name for name, f in model.model_fields.items() if not f.exclude]
-
-
-def _format_errors(err: ValidationError, where: str, lines: dict[tuple[str, ...], int]) -> str:
-    out = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        line = None
-        for cut in range(len(loc), 0, -1):
-            line = lines.get(tuple(str(p) for p in loc[:cut]))
-            if line:
-                break
-        at = f"{where}:{line}" if line else where
-        if e["type"] == "extra_forbidden":
-            model = _section_model(loc)
-            valid = _valid_keys(model) if model else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"did you mean `{close[0]}`?" if close else f"valid keys here: {', '.join(valid)}"
-            out.append(f"{at}: unknown key `{dotted}`; {hint}")
-        elif e["type"] == "missing":
-            model = _section_model(loc)
-            desc = model.model_fields[str(loc[-1])].description if model and str(loc[-1]) in model.model_fields else ""
-            out.append(f"{at}: missing required key `{dotted}`" + (f" ({desc})" if desc else ""))
-        else:
-            got = e.get("input")
-            got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            out.append(f"{at}: `{dotted}`: {e['msg']}{got_s}")
-    return "\n".join(out)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`training.max_steps=20` -> (["training", "max_steps"], 20). Values are parsed as YAML."""
-    if "=" not in text:
-        raise RecipeError(
-            f"override `{text}` is not of the form section.key=value (e.g. training.max_steps=20)"
-        )
-    key, _, raw = text.partition("=")
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"override `{text}`: the key `{key}` is empty or has an empty part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"override `{text}`: the value is not valid YAML ({exc})") from None
-    return key.split("."), value
-
-
-def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node: Any = doc
-        for i, part in enumerate(path[:-1]):
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(f"override `{text}`: `{'.'.join(path[: i + 1])}` is not an index of the list")
-                node = node[int(part)]
-                continue
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, (dict, list)):
-                raise RecipeError(f"override `{text}`: `{'.'.join(path[: i + 1])}` is a value, not a section")
-        last = path[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise RecipeError(f"override `{text}`: `{last}` is not an index of the list")
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return doc
+# Loading (the one YAML loader: llmtune.schema)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError naming file, line and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path} (recipes live under recipes/, e.g. recipes/demo-cpu.yaml)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, ...), not {type(doc).__name__}")
-    doc = apply_overrides(doc, overrides or [])
-    try:
-        recipe = Recipe.model_validate(doc)
-    except ValidationError as err:
-        raise RecipeError(_format_errors(err, str(path), _key_lines(text))) from None
-    recipe.source_path = path.resolve()
-    return recipe
+    return load_yaml_model(Recipe, path, "recipe file", RecipeError, overrides,
+                           hint="recipes live under recipes/, e.g. recipes/demo-cpu.yaml")
 
 
 def save_resolved(recipe: Recipe, run_dir: Path) -> Path:

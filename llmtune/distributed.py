@@ -34,6 +34,34 @@ LIBRARIES = ("llmtune", "torch", "transformers", "trl", "peft", "accelerate")
 HANDSHAKE_PREFIX = "llmtune/handshake/"
 
 
+def local_world_size() -> int:
+    """Processes launched together on this machine (LOCAL_WORLD_SIZE under torchrun / accelerate)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def fsdp_enabled() -> bool:
+    """Whether accelerate launched this process with FSDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """torch threads for this process: every core it may use unless told otherwise (accelerate's
+    launcher and some environments pin OMP_NUM_THREADS=1). Ranks launched together on one machine
+    share its cores."""
+    import torch
+
+    n = num_threads or max(1, len(os.sched_getaffinity(0)) // local_world_size())
+    torch.set_num_threads(n)
+    return n
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a rendezvous or a loopback server)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class DistributedError(LlmtuneError, RuntimeError):
     """Nodes or ranks that cannot train together: unreachable, missing, or disagreeing."""
 
@@ -375,7 +403,7 @@ def join_group(cpu: bool, timeout_s: float = 1800.0) -> RankGroup:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "gloo" if cpu else "nccl"
-        fsdp_cpu_side = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
+        fsdp_cpu_side = fsdp_enabled() and (
             os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
             or os.environ.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT") == "FULL_STATE_DICT")
         if not cpu and fsdp_cpu_side:

@@ -22,3 +22,7 @@ class DataError(LlmtuneError, ValueError):
 
 class TemplateError(LlmtuneError, ValueError):
     """The chat template cannot render or mask a conversation."""
+
+
+class ModerationError(LlmtuneError, ValueError):
+    """A moderation problem the user can fix: a bad policy file, a missing adapter, an unknown category."""

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from llmtune.distributed import NodeSpec, handshake
+from llmtune.distributed import NodeSpec, free_port, handshake
 from llmtune.errors import LlmtuneError
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
@@ -36,14 +36,6 @@ def cuda_device_count() -> int:
     except ImportError:
         return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_threads_per_process(nproc: int) -> int:

@@ -192,7 +192,9 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=compute_dtype or dtype,
             bnb_4bit_quant_storage=dtype,
         )
-        sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        from llmtune.distributed import fsdp_enabled
+
+        sharded = fsdp_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
         if not sharded:  # FSDP / ZeRO-3 place the weights themselves
             kwargs["device_map"] = {"": "cpu" if device_type() == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))}
     try:

@@ -1,6 +1,9 @@
-"""docs/recipes.md, generated from the recipe schema so the docs cannot drift from the code.
+"""docs/recipes.md, generated from the config schemas so the docs cannot drift from the code.
 
     python -m llmtune.recipe_docs > docs/recipes.md
+
+Three files, one loader (llmtune.schema): the recipe, the gateway's serve config and the
+moderation recipe. Every key's type, bounds, default and meaning come from its pydantic field.
 """
 
 from __future__ import annotations
@@ -11,16 +14,25 @@ import typing
 from pydantic import BaseModel
 
 from llmtune.config import Recipe
+from llmtune.moderation.train import ModerationRecipe
+from llmtune.serve.config import ServeConfig
 
 HEADER = """\
 # Recipe reference
 
-Generated from `llmtune/config.py` by `python -m llmtune.recipe_docs`; a test fails when it is stale.
+Generated from the schemas (`llmtune/config.py`, `llmtune/serve/config.py`, `llmtune/moderation/train.py`) by
+`python -m llmtune.recipe_docs`; a test fails when it is stale. All three files are read by one loader
+(`llmtune/schema.py`): errors name the file, the line and the key.
 
 A recipe is a YAML file with the sections below. Every key can be overridden from the shell as
 `section.key=value` (values are YAML: `training.max_steps=20`, `lora.target_modules=[q_proj,v_proj]`,
 `data.sources.0.license=MIT`). Unknown keys are errors that name the file, the line and the
 closest valid key. The fully resolved recipe is saved as `runs/NAME/recipe.yaml`.
+
+A recipe may start from another file: `extends: base/qlora-gpu.yaml` (a path relative to the recipe)
+takes every key of that file, then the recipe's own keys on top (sections merge key by key; lists and
+values replace). The GPU recipes in recipes/ extend recipes/base/qlora-gpu.yaml and state only their
+model and memory tier; an error in either file names that file and line.
 """
 
 
@@ -38,6 +50,20 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+_BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"), ("min_length", "length ≥"), ("max_length", "length ≤"))
+
+
+def _bounds(field) -> str:
+    """`, ≥ -1, < 65536` from the field's constraints (annotated_types metadata)."""
+    shown = []
+    for meta in field.metadata:
+        for attr, sign in _BOUNDS:
+            value = getattr(meta, attr, None)
+            if value is not None:
+                shown.append(f"{sign} {value}")
+    return (", " + ", ".join(shown)) if shown else ""
+
+
 def _default(field) -> str:
     if field.is_required():
         return "**required**"
@@ -47,8 +73,8 @@ def _default(field) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def _section(title: str, model: type[BaseModel]) -> list[str]:
-    lines = [f"## `{title}`" if title else "## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+def _section(title: str, model: type[BaseModel], level: str = "##") -> list[str]:
+    lines = [f"{level} `{title}`" if title else f"{level} Top level", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     nested = []
     for name, field in model.model_fields.items():
         if field.exclude:
@@ -59,15 +85,33 @@ def _section(title: str, model: type[BaseModel]) -> list[str]:
             nested.append((f"{title}.{name}".strip(".") + ("[]" if typing.get_origin(ann) is list else ""), inner[0]))
             if typing.get_origin(ann) is not list:
                 continue
-        lines.append(f"| `{name}` | {_type_name(ann)} | {_default(field)} | {(field.description or '').replace('|', '/')} |")
+        lines.append(f"| `{name}` | {_type_name(ann)}{_bounds(field)} | {_default(field)} | {(field.description or '').replace('|', '/')} |")
     lines.append("")
     for sub_title, sub in nested:
-        lines += _section(sub_title, sub)
+        lines += _section(sub_title, sub, level)
     return lines
 
 
+SERVE_HEADER = """\
+# Serve config (`llmtune serve --config FILE`)
+
+The gateway's YAML file (serve/gateway.example.yaml shows every key). `--port`, `--host`, `--store` and
+`--rate-limit-storage` on the command line replace the file's value and are checked by the same rules.
+"""
+
+MODERATION_HEADER = """\
+# Moderation recipe (`llmtune moderation train FILE`)
+
+Trains the moderation adapter (recipes/moderation.yaml); overrides work as in a recipe.
+"""
+
+
 def render() -> str:
-    return HEADER + "\n" + "\n".join(_section("", Recipe))
+    return "\n".join([
+        HEADER, *_section("", Recipe),
+        SERVE_HEADER, *_section("", ServeConfig, "###"),
+        MODERATION_HEADER, *_section("", ModerationRecipe, "###"),
+    ])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ class RunSummary:
 
 
 def run_recipe(recipe: Recipe, resume: bool = False) -> RunSummary:
-    from llmtune.data.prepare import PreparedData, prepare
+    from llmtune.artifacts import PreparedData
+    from llmtune.data.prepare import prepare
     from llmtune.eval.evaluate import evaluate
     from llmtune.report import write_run_report
     from llmtune.train.sft import train
@@ -57,12 +58,14 @@ def run_recipe(recipe: Recipe, resume: bool = False) -> RunSummary:
 def prepare_once(recipe: Recipe, group):
     """Prepared data for a run on several ranks: global rank 0 prepares it unless `llmtune prepare`
     already did, the others wait, and every rank must then read the same splits."""
-    from llmtune.data.prepare import PreparedData, prepare
+    from llmtune.artifacts import PreparedData, RunDir
+    from llmtune.data.prepare import prepare
     from llmtune.distributed import DistributedError
 
-    data_dir = recipe.run_dir / "data"
+    run = RunDir(recipe.run_dir)
+    data_dir = run.data
     failure = None
-    if group.is_main and not (data_dir / "prepared.json").exists():
+    if group.is_main and not run.prepared.exists():
         console.print(f"rank 0: preparing the data once for all {group.world_size} ranks (the others wait)")
         try:
             prepare(recipe)
@@ -71,7 +74,7 @@ def prepare_once(recipe: Recipe, group):
     failure = group.gather(failure)[0]
     if failure:
         raise DistributedError(f"rank 0 could not prepare the data: {failure}")
-    seen = PreparedData.load(recipe.run_dir).fingerprint() if (data_dir / "prepared.json").exists() else "none"
+    seen = PreparedData.load(recipe.run_dir).fingerprint() if run.prepared.exists() else "none"
     group.agree(f"the prepared data in {data_dir}", seen,
                 hint="output.dir must be on storage every node shares (or run `llmtune prepare` on every node "
                      "with the same data before training)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,31 @@ def memorised_run(tmp_path_factory):
     )))
     recipe = load_recipe(recipe_path)
     train(recipe, prepare(recipe))
+    return recipe
+
+
+def copy_run(recipe, parent: Path, overrides: list[str] | None = None):
+    """A private copy of a run directory under `parent`, as the recipe that points at it: tests that
+    write into a run (merge, export, review) work on a copy, never on a session fixture."""
+    from llmtune.config import load_recipe
+
+    shutil.copytree(recipe.run_dir, parent / recipe.run_dir.name)
+    return load_recipe(recipe.source_path, [f"output.dir={parent}", *(overrides or [])])
+
+
+@pytest.fixture
+def memorised_copy(memorised_run, tmp_path):
+    """memorised_run copied for one test that writes into it."""
+    return copy_run(memorised_run, tmp_path / "runs")
+
+
+@pytest.fixture(scope="session")
+def merged_run(memorised_run, tmp_path_factory):
+    """A copy of memorised_run with merged/ (read it; tests that write into a run take their own copy)."""
+    from llmtune.export.merge import merge
+
+    recipe = copy_run(memorised_run, tmp_path_factory.mktemp("merged-run"))
+    merge(recipe)
     return recipe
 
 

@@ -1,4 +1,4 @@
-"""One rank of the 2-process DDP test (tests/test_multigpu.py), started by `accelerate launch`.
+"""One rank of the 2-process DDP test (tests/train/test_multigpu.py), started by `accelerate launch`.
 
 TRL SFTTrainer + PEFT LoRA on the embedded tiny random Llama, gloo on CPU, the way
 llmtune/train/sft.py builds its trainer. Each rank writes its final LoRA weights and the

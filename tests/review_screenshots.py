@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tests.test_review_browser import ReviewServer, body, chrome, press, wait_for
+from tests.review.test_review_browser import ReviewServer, body, chrome, press, wait_for
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from llmtune.serve.vllm_server import LOOPBACK, free_port
+from llmtune.distributed import free_port
+from llmtune.serve.vllm_server import LOOPBACK
 
 REPO = Path(__file__).resolve().parents[1]
 

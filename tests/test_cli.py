@@ -8,18 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow
 def test_run_end_to_end_writes_a_complete_run_directory(tmp_path, tiny_recipe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     path = tiny_recipe(training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "learning_rate": 1e-2})
     # f16 only: a tiny random model's near-uniform logits make q8_0's top-1 agreement a coin toss
-    # (tests/test_gguf.py checks q8_0 and Q4_K_M on the embedded SmolLM2).
+    # (tests/export/test_gguf.py checks q8_0 and Q4_K_M on the embedded SmolLM2).
     res = run_cli("run", str(path), "training.seed=7", "export.gguf_types=[f16]")
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "runs" / "tiny"
@@ -47,6 +49,7 @@ def test_run_end_to_end_writes_a_complete_run_directory(tmp_path, tiny_recipe):
     assert json.loads(res.stdout)["finetuned"]["eval_loss"] == result["finetuned"]["eval_loss"]
 
 
+@pytest.mark.slow
 def test_stage_commands_and_train_without_prepare(tmp_path, tiny_recipe):
     path = tiny_recipe(training={"max_steps": 2})
     res = run_cli("train", str(path))
@@ -57,6 +60,7 @@ def test_stage_commands_and_train_without_prepare(tmp_path, tiny_recipe):
     assert (tmp_path / "runs" / "tiny" / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_recipe_files_are_executable_scripts(tmp_path, tiny_recipe):
     path = tiny_recipe(stages=["prepare"])
     path.write_text("#!/usr/bin/env -S llmtune run\n" + path.read_text())
@@ -67,6 +71,7 @@ def test_recipe_files_are_executable_scripts(tmp_path, tiny_recipe):
     assert "prepare: read 12" in res.stderr.replace("\n", " ")
 
 
+@pytest.mark.slow
 def test_offline_hub_id_says_how_to_use_a_local_directory(tiny_recipe):
     path = tiny_recipe(model={"base": "some-org/some-model"})
     res = run_cli("prepare", str(path), env={"HF_HUB_OFFLINE": "1"})
@@ -83,6 +88,7 @@ def test_missing_local_model_dir_and_unknown_embedded(tiny_recipe):
     assert res.returncode == 2 and "embedded:smollm2-135m-instruct" in res.stderr
 
 
+@pytest.mark.slow
 def test_every_command_has_help_with_an_example():
     for cmd in ("run", "prepare", "train", "eval", "validate", "models"):
         res = run_cli(cmd, "--help")

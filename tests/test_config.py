@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from llmtune.config import Recipe, apply_overrides, load_recipe, save_resolved
+from llmtune.config import Recipe, load_recipe, save_resolved
 from llmtune.errors import RecipeError
+from llmtune.schema import apply_overrides
 from tests.conftest import REPO, run_cli
 
 
@@ -55,6 +56,8 @@ def test_typo_through_the_cli_exits_2_with_the_message(tmp_path):
         ("name: t\ndata:\n  sources: []\n", ["`data.sources`", "at least one"]),
         ("name: t\nlora:\n  rank: 8\n    alpha: 3\n", ["not valid YAML", "r.yaml:4"]),
         ("- a\n- b\n", ["YAML mapping"]),
+        (BASE + "training:\n  max_steps: -5\n", ["`training.max_steps`", "greater than or equal to -1", ":8"]),
+        (BASE + "training:\n  max_steps: 0\n", ["`training.max_steps`", "-1 to train for `epochs`"]),
     ],
 )
 def test_malformed_recipes(tmp_path, text, expected):
@@ -117,3 +120,53 @@ def test_recipe_reference_doc_is_current():
     from llmtune.recipe_docs import render
 
     assert (REPO / "docs" / "recipes.md").read_text() == render(), "run: python -m llmtune.recipe_docs > docs/recipes.md"
+
+
+def test_an_override_is_checked_like_the_file(tmp_path):
+    with pytest.raises(RecipeError, match="`training.max_steps`"):
+        load_recipe(write(tmp_path, BASE), ["training.max_steps=-5"])
+
+
+def test_serve_and_moderation_files_go_through_the_same_loader(tmp_path):
+    from llmtune.errors import ModerationError
+    from llmtune.moderation.train import load_moderation_recipe
+    from llmtune.serve.config import ServeConfigError, load_serve_config
+
+    serve = tmp_path / "gateway.yaml"
+    serve.write_text("port: 8000\nrate_limit:\n  requests_per_minut: 5\n")
+    with pytest.raises(ServeConfigError) as e:
+        load_serve_config(serve)
+    assert f"{serve}:3" in str(e.value) and "did you mean `requests_per_minute`" in str(e.value)
+    moderation = tmp_path / "moderation.yaml"
+    moderation.write_text("name: m\ntraining:\n  max_steps: -5\n")
+    with pytest.raises(ModerationError, match=r"moderation.yaml:3: `training.max_steps`"):
+        load_moderation_recipe(moderation)
+
+
+def test_serve_port_from_the_cli_is_validated(tmp_path):
+    res = run_cli("serve", str(tmp_path), "--port", "70000")
+    assert res.returncode == 2 and "--port" in res.stderr and "less than 65536" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_recipe_extends_a_base_file_and_errors_name_the_file_that_set_the_key(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.yaml").write_text("lora:\n  rank: 8\ntraining:\n  epochs: 2\n")
+    child = tmp_path / "c.yaml"
+    child.write_text("extends: base/b.yaml\nname: t\ndata:\n  sources:\n    - path: x.jsonl\ntraining:\n  epochs: 5\n")
+    r = load_recipe(child)
+    assert (r.lora.rank, r.training.epochs, r.lora.alpha) == (8, 5, 32)  # base, child on top, default
+    (tmp_path / "base" / "b.yaml").write_text("lora:\n  rank: 8\n  rnak: 3\n")
+    with pytest.raises(RecipeError, match=r"b\.yaml:3: unknown key `lora.rnak`"):
+        load_recipe(child)
+    child.write_text("extends: c.yaml\nname: t\n")
+    with pytest.raises(RecipeError, match="comes back to a file already in the chain"):
+        load_recipe(child)
+
+
+def test_gpu_recipes_state_only_their_model_and_memory_tier():
+    for path in sorted((REPO / "recipes").glob("*-qlora-*gb.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        assert doc["extends"] == "base/qlora-gpu.yaml", path
+        assert set(doc) <= {"extends", "name", "description", "model", "data", "training"}, path
+        assert set(doc["data"]) == {"max_seq_length"} and set(doc["training"]) <= {"micro_batch_size", "gradient_accumulation_steps"}

@@ -9,6 +9,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -104,6 +106,7 @@ def test_report_table_shows_figures_and_failures(tmp_path):
     assert not (tmp_path / "docs").exists()
 
 
+@pytest.mark.slow
 def test_rehearsal_equality_step_runs_and_writes_only_its_out_dir(tmp_path):
     docs_before = (REPO / "docs" / "gpu.md").read_text()
     proc = subprocess.run(

@@ -45,7 +45,11 @@ BOUNDARY_AGES = [18, 18, 19, 19, 20]
 
 
 def names_by_split() -> dict[str, list[str]]:
-    names = [ln.strip() for ln in (OUT / "real_people.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    # The one list of real people: the screen's gazetteer (llmtune/moderation/lexicon/public_figures.tsv).
+    from llmtune.moderation.lexicon import LEXICON_DIR
+
+    rows = (LEXICON_DIR / "public_figures.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    names = [row.split("\t")[0].strip() for row in rows if row.strip() and not row.startswith("#")]
     full = sorted({n for n in names if " " in n or n in ("Beyonce", "Rihanna", "Zendaya", "Shakira", "Oprah", "Lizzo", "Eminem", "MrBeast")})
     rng = random.Random(7)
     rng.shuffle(full)

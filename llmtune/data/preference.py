@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from rich.progress import track
 
+from llmtune.artifacts import PreferenceSourceCounts, PreparedPreference, RunDir, preference_reconciliation
 from llmtune.config import Recipe
 from llmtune.console import console
 from llmtune.data.dedup import NearDuplicateIndex
@@ -34,29 +34,9 @@ from llmtune.data.pairs import read_preference_source
 from llmtune.data.template import IGNORE_INDEX, fit_to_template, tokenize_rendered, trained_spans
 from llmtune.data.types import Conversation, Message, PreferenceExample, Rejection
 from llmtune.errors import DataError, TemplateError
+from llmtune.jsonl import write_rejections
 
 PAIR_METHODS = ("dpo", "orpo", "simpo")
-
-
-@dataclass
-class PreferenceSourceCounts:
-    path: str
-    origin: str | None
-    license: str | None
-    read: int = 0
-    kept: int = 0
-    quarantined: int = 0
-    duplicates: int = 0
-    pairs: int = 0  # kept examples with both replies
-    desirable: int = 0  # kept single rows (KTO only)
-    undesirable: int = 0
-    truncated: int = 0
-    reshaped: int = 0
-    screened: int = 0
-    rejected_blocked: dict[str, int] = field(default_factory=dict)  # rejected replies dropped, per category
-    moderation: dict[str, int] = field(default_factory=dict)  # examples quarantined by the screen, per category
-    reasons: dict[str, int] = field(default_factory=dict)
-    formats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,39 +52,6 @@ class CollectedPreference:
     rejections: list[Rejection]
     duplicates: list[dict]
     sources: list[PreferenceSourceCounts]
-
-
-@dataclass
-class PreparedPreference:
-    """Paths and counts the preference stage and eval read; everything under run_dir/data/preference."""
-
-    data_dir: Path
-    method: str
-    train_jsonl: Path
-    val_jsonl: Path
-    train_tokenized: Path  # the method's shape: pairs, or KTO rows (prompt_ids, completion_ids, label)
-    val_tokenized: Path
-    val_pairs_tokenized: Path  # held-out pairs (any method): preference accuracy and reward margin
-    quarantine: Path
-    counts: dict
-    sources: list[PreferenceSourceCounts]
-
-    @classmethod
-    def load(cls, run_dir: Path) -> "PreparedPreference":
-        path = run_dir / "data" / "preference" / "prepared.json"
-        if not path.exists():
-            raise DataError(f"no prepared preference data in {path.parent}; run `llmtune prepare` with a "
-                            "`preference:` section in the recipe first")
-        meta = json.loads(path.read_text())
-        meta["sources"] = [PreferenceSourceCounts(**s) for s in meta["sources"]]
-        for key in ("data_dir", "train_jsonl", "val_jsonl", "train_tokenized", "val_tokenized", "val_pairs_tokenized",
-                    "quarantine"):
-            meta[key] = Path(meta[key])
-        return cls(**meta)
-
-    def save(self) -> None:
-        d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-        (self.data_dir / "prepared.json").write_text(json.dumps(d, indent=2, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +298,7 @@ def prepare_preference(recipe: Recipe, tokenizer, template: str) -> PreparedPref
 
     pcfg = recipe.preference
     assert pcfg is not None
-    data_dir = recipe.run_dir / "data" / "preference"
+    data_dir = RunDir(recipe.run_dir).preference_data
     data_dir.mkdir(parents=True, exist_ok=True)
     found = collect_preference(recipe, tokenizer, template)
 
@@ -364,13 +311,7 @@ def prepare_preference(recipe: Recipe, tokenizer, template: str) -> PreparedPref
         splits["val"] = [et for et in splits["train"] if et[0].split_hash == first]
         splits["train"] = [et for et in splits["train"] if et[0].split_hash != first]
 
-    quarantine = data_dir / "quarantine.jsonl"
-    with quarantine.open("w", encoding="utf-8") as f:
-        for r in found.rejections:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    with (data_dir / "duplicates.jsonl").open("w", encoding="utf-8") as f:
-        for d in found.duplicates:
-            f.write(json.dumps(d) + "\n")
+    quarantine = write_rejections(data_dir, found.rejections, found.duplicates)
     if not splits["train"]:
         raise DataError(
             f"no preference examples to train on: {len(found.rejections)} quarantined (reasons in {quarantine}), "
@@ -405,10 +346,6 @@ def prepare_preference(recipe: Recipe, tokenizer, template: str) -> PreparedPref
     return prepared
 
 
-def reconciliation(c: dict) -> str:
-    return f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}"
-
-
 def report_section(p: PreparedPreference) -> list[str]:
     """The preference part of data_report.md."""
     c = p.counts
@@ -417,7 +354,7 @@ def report_section(p: PreparedPreference) -> list[str]:
     lines = [
         "## Preference data",
         "",
-        f"Method `{p.method}`. {reconciliation(c)}: {c['pairs']} pairs, {c['desirable']} desirable and "
+        f"Method `{p.method}`. {preference_reconciliation(c)}: {c['pairs']} pairs, {c['desirable']} desirable and "
         f"{c['undesirable']} undesirable single rows; {c['truncated']} prompts truncated at a turn boundary, "
         f"{c['reshaped']} reshaped to fit the chat template.",
         f"Split: {c['train']} train / {c['val']} held-out examples ({c['val_pairs']} held-out pairs); "
@@ -439,7 +376,7 @@ def report_section(p: PreparedPreference) -> list[str]:
 
 def _print_summary(p: PreparedPreference) -> None:
     c = p.counts
-    console.print(f"[bold]prepare[/] (preference, {p.method}): {reconciliation(c)}; {c['pairs']} pairs; "
+    console.print(f"[bold]prepare[/] (preference, {p.method}): {preference_reconciliation(c)}; {c['pairs']} pairs; "
                   f"train {c['train']} / held out {c['val']}"
                   + (f"; rejected replies dropped by moderation: {sum(c['rejected_blocked'].values())}"
                      if c["rejected_blocked"] else ""))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 
 from rich.progress import track
 
+from llmtune.artifacts import PreparedData, RunDir, SourceCounts, reconciliation
 from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.dedup import NearDuplicateIndex
@@ -33,6 +33,7 @@ from llmtune.data.template import (
 )
 from llmtune.data.types import Conversation, Message, Rejection
 from llmtune.errors import DataError, TemplateError
+from llmtune.jsonl import write_rejections
 from llmtune.moderation import load_screener
 from llmtune.storage import ensure_writable
 from llmtune.models import load_tokenizer, resolve_base
@@ -40,81 +41,6 @@ from llmtune.models import load_tokenizer, resolve_base
 
 
 TOKENIZE_BATCH = 1024
-
-
-@dataclass
-class SourceCounts:
-    path: str
-    origin: str | None
-    license: str | None
-    read: int = 0
-    kept: int = 0
-    quarantined: int = 0
-    duplicates: int = 0
-    truncated: int = 0
-    reshaped: int = 0
-    sampled_out: int = 0  # left out by the source's max_samples / weight < 1
-    copies: int = 0  # extra training rows from weight > 1
-    reasons: dict[str, int] = field(default_factory=dict)
-    formats: dict[str, int] = field(default_factory=dict)
-    moderation: dict[str, int] = field(default_factory=dict)  # blocked conversations per category
-    screened: int = 0  # conversations the moderation screen saw
-    screened_full: int = 0  # of those, conversations with a cue, screened by rules and adapter
-    pii: dict[str, int] = field(default_factory=dict)  # personal data found per kind (redacted or quarantined)
-    pii_conversations: int = 0  # conversations that held any
-
-
-@dataclass
-class PreparedData:
-    """Paths and counts the later stages read. Everything lives under run_dir/data."""
-
-    data_dir: Path
-    train_jsonl: Path
-    val_jsonl: Path
-    train_tokenized: Path
-    val_tokenized: Path
-    quarantine: Path
-    report: Path
-    chat_template: str
-    end_of_turn: str
-    counts: dict
-    sources: list[SourceCounts]
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, for benchmarks
-
-    @classmethod
-    def load(cls, run_dir: Path) -> "PreparedData":
-        meta = json.loads((run_dir / "data" / "prepared.json").read_text())
-        meta["sources"] = [SourceCounts(**s) for s in meta["sources"]]
-        for key in ("data_dir", "train_jsonl", "val_jsonl", "train_tokenized", "val_tokenized", "quarantine", "report"):
-            meta[key] = Path(meta[key])
-        return cls(**meta)
-
-    def persona(self) -> str | None:
-        """The system turn of the first training conversation: the persona the run learned."""
-        if not self.train_jsonl.exists():
-            return None
-        with self.train_jsonl.open(encoding="utf-8") as f:
-            messages = json.loads(f.readline() or "{}").get("messages", [])
-        return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-
-    def fingerprint(self) -> str:
-        """sha256 of what training reads (both splits and the template): equal on every node that sees
-        the same prepared data."""
-        import hashlib
-
-        digest = hashlib.sha256(self.chat_template.encode())
-        for path in (self.train_jsonl, self.val_jsonl):
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()[:16]
-
-    def save(self) -> None:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-        (self.data_dir / "prepared.json").write_text(json.dumps(d, indent=2, ensure_ascii=False))
 
 
 def split_of(conversation: Conversation, val_fraction: float) -> str:
@@ -141,12 +67,40 @@ PARALLEL_MIN = 4096
 _WORKER: dict = {}  # what the batch functions read (items, tokenizer, template, ...): set before the pool forks
 
 
-def _template_batch(items: list[Conversation]) -> list[tuple]:
-    """Fit to the template, render with trained spans, tokenize, truncate. One outcome per item:
-    ("kept", index, item, tokenized, reshape note, truncated) or ("quarantine", index, item, reason,
-    detail), where item is None when it is items[index] unchanged (workers then send back no text)."""
+@dataclass
+class Kept:
+    """A conversation that fits the template, tokenized and masked (maybe truncated at a turn)."""
+
+    index: int  # in the batch
+    item: Conversation | None  # None: the batch's item unchanged (workers then send back no text)
+    tokenized: TokenizedConversation
+    change: str | None  # how fit_to_template reshaped it, if it did
+    truncated: bool
+
+
+@dataclass
+class Quarantined:
+    """A conversation the template step cannot train on, and why."""
+
+    index: int
+    item: Conversation | None
+    reason: str
+    detail: str
+
+
+@dataclass
+class Facts:
+    """What prepare needs to know of a conversation before deciding duplicates and screening."""
+
+    content_hash: str
+    signature: object  # MinHash signature; None without near dedup
+    needs_screen: bool  # Screener.needs_full_screen
+
+
+def _template_batch(items: list[Conversation]) -> list[Kept | Quarantined]:
+    """Fit to the template, render with trained spans, tokenize, truncate: one outcome per item."""
     tokenizer, template, mask, max_len = _WORKER["tokenizer"], _WORKER["template"], _WORKER["mask"], _WORKER["max_len"]
-    outcomes: list[tuple] = []
+    outcomes: list[Kept | Quarantined] = []
     rendered: list[tuple[int, Conversation, str | None, tuple[str, list[tuple[int, int]]]]] = []
     for k, item in enumerate(items):
         try:
@@ -155,22 +109,22 @@ def _template_batch(items: list[Conversation]) -> list[tuple]:
                 item = Conversation(messages, item.source, item.line, {**item.meta, "reshaped": change})
             rendered.append((k, item, change, trained_spans(tokenizer, item.messages, template, mask)))
         except TemplateError as exc:
-            outcomes.append(("quarantine", k, None, "template_rejects", str(exc)))
+            outcomes.append(Quarantined(k, None, "template_rejects", str(exc)))
     for (k, item, change, _), tok in zip(rendered, tokenize_rendered(tokenizer, [r for *_, r in rendered])):
         truncated = False
         if len(tok.input_ids) > max_len:
             cut = _truncate_at_turn(tokenizer, item, template, mask, max_len)
             if cut is None:
-                outcomes.append(("quarantine", k, None if item is items[k] else item, "too_long",
-                                 f"{len(tok.input_ids)} tokens; even the first assistant turn exceeds data.max_seq_length={max_len}"))
+                outcomes.append(Quarantined(k, None if item is items[k] else item, "too_long",
+                                            f"{len(tok.input_ids)} tokens; even the first assistant turn exceeds data.max_seq_length={max_len}"))
                 continue
             item, tok = cut
             truncated = True
         if tok.trained_tokens == 0:
-            outcomes.append(("quarantine", k, None if item is items[k] else item, "no_trainable_tokens",
-                             f"data.mask={mask} leaves no token with loss in this conversation"))
+            outcomes.append(Quarantined(k, None if item is items[k] else item, "no_trainable_tokens",
+                                        f"data.mask={mask} leaves no token with loss in this conversation"))
             continue
-        outcomes.append(("kept", k, None if item is items[k] else item, tok, change, truncated))
+        outcomes.append(Kept(k, None if item is items[k] else item, tok, change, truncated))
     return outcomes
 
 
@@ -179,22 +133,22 @@ def template_outcomes(items: list[Conversation], tokenizer, template: str, mask:
     when there are many), with each outcome's item filled in."""
     _WORKER.update(tokenizer=tokenizer, template=template, mask=mask, max_len=max_len)
     for start, outcomes in _in_order(_template_batch, items, "templating and tokenizing"):
-        for kind, k, item, *rest in outcomes:
-            yield (kind, item if item is not None else items[start + k], *rest)
+        for outcome in outcomes:
+            if outcome.item is None:
+                outcome.item = items[start + outcome.index]
+            yield outcome
 
 
-def _facts_batch(items: list[Conversation]) -> list[tuple[str, object, bool]]:
-    """Per conversation: content hash, MinHash signature (None without near dedup), and whether
-    the moderation screen must screen it in full (Screener.needs_full_screen)."""
+def _facts_batch(items: list[Conversation]) -> list[Facts]:
     near, screener = _WORKER["near"], _WORKER["screener"]
     return [
-        (c.content_hash, near.signature(c) if near is not None else None,
-         screener.needs_full_screen([m.content for m in c.messages if m.content.strip()]))
+        Facts(c.content_hash, near.signature(c) if near is not None else None,
+              screener.needs_full_screen([m.content for m in c.messages if m.content.strip()]))
         for c in items
     ]
 
 
-def conversation_facts(items: list[Conversation], near: NearDuplicateIndex | None, screener) -> list[tuple[str, object, bool]]:
+def conversation_facts(items: list[Conversation], near: NearDuplicateIndex | None, screener) -> list[Facts]:
     """_facts_batch over `items`, in order (in worker processes when there are many)."""
     _WORKER.update(near=near, screener=screener)
     return [fact for _, facts in _in_order(_facts_batch, items, "hashing and checking") for fact in facts]
@@ -366,7 +320,8 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
             if isinstance(item, Rejection):
                 quarantine(item, item.reason, item.detail)
                 continue
-            h, signature, cue = facts[id(item)]
+            fact = facts[id(item)]
+            h, signature, cue = fact.content_hash, fact.signature, fact.needs_screen
             if cfg.dedup != "none":
                 where = f"{item.source}:{item.line}"
                 first = seen.get(h) or (near.check_and_add(where, item, signature) if near else None)
@@ -394,14 +349,13 @@ def collect(recipe: Recipe, tokenizer, template: str) -> Collected:
         # 4. Template, mask and tokenize in batches (in worker processes when there are many);
         #    truncate at a turn boundary or quarantine. Results come back in order.
         for outcome in template_outcomes(chosen, tokenizer, template, cfg.mask, cfg.max_seq_length):
-            kind, item = outcome[0], outcome[1]
-            if kind == "quarantine":
-                quarantine(item, outcome[2], outcome[3])
+            item = outcome.item
+            if isinstance(outcome, Quarantined):
+                quarantine(item, outcome.reason, outcome.detail)
                 continue
-            _, item, tok, change, truncated = outcome
-            counts.reshaped += bool(change)
-            counts.truncated += truncated
-            kept.append((item, tok))
+            counts.reshaped += bool(outcome.change)
+            counts.truncated += outcome.truncated
+            kept.append((item, outcome.tokenized))
             if "copy" in item.meta:
                 counts.copies += 1
                 continue
@@ -422,7 +376,7 @@ def load_template(recipe: Recipe):
 
 
 def prepare(recipe: Recipe) -> PreparedData:
-    data_dir = recipe.run_dir / "data"
+    data_dir = RunDir(recipe.run_dir).data
     inputs = sum(recipe.resolve_path(s.path).stat().st_size for s in recipe.data.sources
                  if s.path and recipe.resolve_path(s.path).is_file())
     # Splits (JSONL + tokenized Arrow) take a few times the input; checked before reading anything.
@@ -444,7 +398,7 @@ def prepare(recipe: Recipe) -> PreparedData:
         kept["train"].sort(key=lambda ct: ct[0].content_hash)
         kept["val"].append(kept["train"].pop(0))
 
-    quarantine = _write_rejections(data_dir, found)
+    quarantine = write_rejections(data_dir, found.rejections, found.duplicates)
     found.seconds["split"] = time.perf_counter() - clock
     if not any(t.trained_tokens for split in kept.values() for _, t in split):
         raise DataError(
@@ -465,17 +419,6 @@ def prepare(recipe: Recipe) -> PreparedData:
         with prepared.report.open("a", encoding="utf-8") as f:
             f.write("\n".join(report_section(preference)))
     return prepared
-
-
-def _write_rejections(data_dir: Path, found: Collected) -> Path:
-    quarantine = data_dir / "quarantine.jsonl"
-    with quarantine.open("w", encoding="utf-8") as f:
-        for r in found.rejections:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    with (data_dir / "duplicates.jsonl").open("w", encoding="utf-8") as f:
-        for d in found.duplicates:
-            f.write(json.dumps(d) + "\n")
-    return quarantine
 
 
 def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -> PreparedData:
@@ -521,7 +464,7 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
         raise RuntimeError(f"bug: prepare's counts do not reconcile: {counts}")
 
     sample = kept["train"][0][1] if kept["train"] else kept["val"][0][1]
-    report = data_dir / "data_report.md"
+    report = RunDir(recipe.run_dir).data_report
     prepared = PreparedData(
         data_dir=data_dir,
         train_jsonl=paths["train"][0],
@@ -558,7 +501,7 @@ def render_masked(tokenizer, tok: TokenizedConversation) -> str:
 
 
 def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample: str) -> None:
-    from llmtune.report import plot_histogram
+    from llmtune.plots import plot_histogram
 
     c = prepared.counts
     hist = plot_histogram(
@@ -604,16 +547,6 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
         "",
     ]
     prepared.report.write_text("\n".join(lines), encoding="utf-8")
-
-
-def reconciliation(c: dict) -> str:
-    """`read N = kept K + quarantined Q + duplicates D` (+ sampled out, + weighted copies when used)."""
-    text = f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}"
-    if c.get("sampled_out"):
-        text += f" + sampled out {c['sampled_out']}"
-    if c.get("copies"):
-        text += f"; {c['copies']} weighted copies added"
-    return text
 
 
 def _print_summary(p: PreparedData) -> None:

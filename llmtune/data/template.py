@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,10 +166,6 @@ def _render(tokenizer, messages: list[Message], template: str, add_generation_pr
     return text
 
 
-def render(tokenizer, conversation: Conversation, template: str, add_generation_prompt: bool = False) -> str:
-    return _render(tokenizer, conversation.messages, template, add_generation_prompt)
-
-
 def _trained_indices(messages: list[Message], mask: str) -> list[int]:
     if mask == "all":
         return [i for i, m in enumerate(messages) if m.role != "system"]
@@ -285,3 +281,45 @@ def _end_of_turn(tokenizer: "PreTrainedTokenizerBase", template: str) -> str:
 def end_of_turn_token(tokenizer: "PreTrainedTokenizerBase", template: str) -> str:
     """The token the template closes an assistant turn with (what generation must stop at)."""
     return _end_of_turn(tokenizer, template)
+
+
+@dataclass(frozen=True)
+class RoleSequences:
+    """What the template writes around each role's content, and where generation stops."""
+
+    bos: str
+    system_prefix: str
+    system_suffix: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str
+    stop: list[str] = field(default_factory=list)
+
+
+def role_sequences(tokenizer, template: str, eot: str) -> RoleSequences:
+    """Read the per-role wrappers off a rendered probe conversation (for chat-app presets, and the
+    role markers eval looks for in replies)."""
+    S, U1, A1, U2, A2 = "\ue010S\ue011", "\ue010U1\ue011", "\ue010A1\ue011", "\ue010U2\ue011", "\ue010A2\ue011"
+    probe = [Message("system", S), Message("user", U1), Message("assistant", A1), Message("user", U2), Message("assistant", A2)]
+    text = _render(tokenizer, probe, template)
+    if any(marker not in text for marker in (S, U1, A1, U2, A2)):
+        raise TemplateError("the chat template drops or rewrites messages; cannot derive chat-app presets from it")
+    pre_s, rest = text.split(S, 1)
+    s_to_u1, rest = rest.split(U1, 1)
+    u1_to_a1, rest = rest.split(A1, 1)
+    a1_to_u2, rest = rest.split(U2, 1)
+    _, after_a2 = rest.split(A2, 1)
+    gen_prompt = _render(tokenizer, probe[:2], template, add_generation_prompt=True)[len(_render(tokenizer, probe[:2], template)):]
+    assistant_prefix = gen_prompt or u1_to_a1
+    user_suffix = u1_to_a1[: len(u1_to_a1) - len(assistant_prefix)] if u1_to_a1.endswith(assistant_prefix) else u1_to_a1
+    assistant_suffix = after_a2
+    user_prefix = a1_to_u2[len(assistant_suffix):] if a1_to_u2.startswith(assistant_suffix) else a1_to_u2
+    system_suffix = s_to_u1[: len(s_to_u1) - len(user_prefix)] if s_to_u1.endswith(user_prefix) else s_to_u1
+    # A BOS the template writes once at the start, unless it is the token that opens every role (ChatML).
+    b = tokenizer.bos_token
+    bos = b if b and pre_s.startswith(b) and not user_prefix.startswith(b) else ""
+    system_prefix = pre_s[len(bos):]
+    stops = [eot] + ([user_prefix.strip()] if user_prefix.strip() and user_prefix.strip() != eot else [])
+    return RoleSequences(bos, system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix,
+                         assistant_suffix, stops)

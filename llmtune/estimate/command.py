@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from llmtune.errors import LlmtuneError
+from llmtune.console import exit_with, user_errors
 
 GiB = 1024**3
 
@@ -90,18 +90,14 @@ def estimate_command(
     from llmtune.estimate.memory import estimate
 
     if device not in ("cuda", "cpu"):
-        print(f"error: --device must be cuda or cpu, not {device!r}", file=sys.stderr)
-        raise typer.Exit(2)
-    try:
+        exit_with(f"--device must be cuda or cpu, not {device!r}")
+    with user_errors():
         path = recipe / "recipe.yaml" if recipe.is_dir() else recipe
         r = load_recipe(path, overrides or [])
         mem = gpu_mem if gpu_mem is not None else (local_gpu_mem_gb() if device == "cuda" else None)
         est = estimate(r, mem, device=device)  # type: ignore[arg-type]
         # The preference stage's batches (chosen + rejected, padded) have their own peak.
         pref = estimate(r, mem, device=device, stage="preference") if r.preference and "preference" in r.stages else None  # type: ignore[arg-type]
-    except (LlmtuneError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from None
     if as_json:
         out = est.to_json()
         if pref is not None:

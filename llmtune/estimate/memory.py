@@ -66,6 +66,10 @@ ALLOCATOR_SLACK_MIN = 128 * MiB
 # Left free on the card for the driver and a desktop: a recipe "fits" only below card - this.
 DISPLAY_HEADROOM = 0.03
 DISPLAY_HEADROOM_MIN = 200 * MiB
+# training.gradient_checkpointing=auto turns checkpointing on when the peak without it exceeds this
+# share of the memory (the GPU's, or this process's share of RAM). `estimate` and `train` both ask
+# `auto_checkpointing`, so they cannot disagree about a run.
+AUTO_CHECKPOINTING_SHARE = 0.9
 
 # llmtune/train/sft.py calls peft's prepare_model_for_kbit_training, which casts every bf16/fp16
 # parameter that is not 4-bit (embeddings, lm_head, norms) to fp32. Set False if that stops.
@@ -630,7 +634,7 @@ def estimate(recipe: Recipe, gpu_mem_gb: float | None, device: Device = "cuda", 
     peak, breakdown, moment, allocated = peak_memory(arch, prec, shape)
     usable = usable_bytes(gpu_mem_gb) if gpu_mem_gb else None
     notes = [f"architecture: {arch.source}"]
-    if recipe.training.gradient_checkpointing == "auto" and usable is not None and peak > usable:
+    if recipe.training.gradient_checkpointing == "auto" and gpu_mem_gb and auto_checkpointing(peak, int(gpu_mem_gb * GiB)):
         # What training does with `auto` when the run would not fit: checkpoint.
         shape = replace(shape, checkpointing=True)
         peak, breakdown, moment, allocated = peak_memory(arch, prec, shape)
@@ -688,6 +692,11 @@ def checkpointing_decision(recipe: Recipe, device: Device, memory_bytes: int, st
         peak = peak_memory(arch, precision_for(recipe, device), shape)[0]
     except Exception as exc:  # no architecture file or config for this base: keep the fast path
         return False, f"off (auto: no memory estimate for {recipe.model.base}: {exc})"
-    budget = int(0.9 * memory_bytes)
-    verdict = "on" if peak > budget else "off"
-    return peak > budget, f"{verdict} (auto: estimated peak {peak / GiB:.1f} GiB without it, {budget / GiB:.1f} GiB usable)"
+    on = auto_checkpointing(peak, memory_bytes)
+    budget = AUTO_CHECKPOINTING_SHARE * memory_bytes
+    return on, f"{'on' if on else 'off'} (auto: estimated peak {peak / GiB:.1f} GiB without it, {budget / GiB:.1f} GiB usable)"
+
+
+def auto_checkpointing(peak_without: int, memory_bytes: int) -> bool:
+    """The `auto` rule: checkpoint when the peak without it would exceed 90% of the memory."""
+    return peak_without > int(AUTO_CHECKPOINTING_SHARE * memory_bytes)

@@ -7,7 +7,7 @@ class SentenceEncoder:
     def __init__(self, base: str = "embedded:minilm-l6"):
         from transformers import AutoModel, AutoTokenizer
 
-        from llmtune.moderation.adapter import resolve_encoder
+        from llmtune.encoder import resolve_encoder
 
         path = resolve_encoder(base)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -17,7 +17,7 @@ class SentenceEncoder:
         """L2-normalised embeddings, one row per text."""
         import torch
 
-        from llmtune.moderation.adapter import mean_pool
+        from llmtune.encoder import mean_pool
 
         rows = []
         with torch.no_grad():

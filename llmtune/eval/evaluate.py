@@ -20,7 +20,7 @@ the adapter is put on it and everything is measured again:
 After a preference stage, the model before it (the SFT adapter) is measured too, so the table
 reads base | before preference | after preference.
 
-Writes eval.json, plots, and refreshes report.md.
+Writes eval.json and plots; `llmtune run` and `llmtune eval` then rewrite report.md from them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from rich.table import Table
 
 from llmtune.config import Recipe
 from llmtune.console import console
-from llmtune.data.prepare import PreparedData
+from llmtune.artifacts import PreparedData, RunDir, adapter_origin, sample_prompts, trained_adapter
 from llmtune.data.template import IGNORE_INDEX
 from llmtune.eval import metrics as M
 from llmtune.generation import Generation, Generator, Sampling, held_back_conversations
@@ -75,6 +75,16 @@ class EvalResult:
         d = asdict(self)
         d["run_dir"] = str(self.run_dir)
         return d
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "EvalResult":
+        """eval.json as the eval stage wrote it."""
+        e = json.loads(RunDir(run_dir).eval_json.read_text())
+
+        def scores(d: dict | None) -> ModelScores | None:
+            return ModelScores(**d) if d else None
+
+        return cls(run_dir, scores(e["base"]), scores(e["finetuned"]), e["prompts"], e["seconds"], scores(e.get("sft")))
 
 
 # Metrics shown in the table: (key, label, which direction is better).
@@ -262,8 +272,6 @@ def _persona_scores(convs, replayed, encoder) -> dict[str, float]:
 
 
 def _scores(model, tokenizer, val_ds, recipe, prepared, encoder, screener, stop_ids, markers) -> ModelScores:
-    from llmtune.train.sft import sample_prompts
-
     loss, tokens = eval_loss(model, val_ds) if val_ds is not None else (float("nan"), 0)
     cfg = recipe.eval
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, recipe.training.seed)
@@ -280,19 +288,17 @@ def evaluate(recipe: Recipe) -> EvalResult:
     from datasets import load_from_disk
     from peft import PeftModel
 
+    from llmtune.data.template import role_sequences
+    from llmtune.distributed import configure_threads
     from llmtune.eval.embed import SentenceEncoder
-    from llmtune.export.presets import role_sequences
     from llmtune.moderation import load_screener
-    from llmtune.report import write_run_report
-    from llmtune.train.preference import adapter_origin
-    from llmtune.train.sft import configure_threads, sample_prompts, trained_adapter
 
     run_dir = recipe.run_dir
     adapter_dir = trained_adapter(recipe)
     origin = adapter_origin(run_dir)
     before_dir = run_dir / origin["before"] if origin and origin.get("before") else None
     prepared = PreparedData.load(run_dir)
-    pairs_dir = run_dir / "data" / "preference" / "tokenized" / "val_pairs"
+    pairs_dir = RunDir(run_dir).preference_data / "tokenized" / "val_pairs"
     pairs = load_from_disk(str(pairs_dir)) if pairs_dir.exists() else None
     pairs = pairs if pairs is not None and len(pairs) else None
     beta = recipe.preference.beta if recipe.preference else 0.1
@@ -333,15 +339,14 @@ def evaluate(recipe: Recipe) -> EvalResult:
 
     result = EvalResult(run_dir, base, finetuned, [p[-1]["content"] for p in sample_prompts(recipe, prepared)],
                         time.time() - start, sft)
-    (run_dir / "eval.json").write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    RunDir(run_dir).eval_json.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     _plots(result, run_dir)
     print_eval(result)
-    write_run_report(recipe)
     return result
 
 
 def _plots(result: EvalResult, run_dir: Path) -> None:
-    from llmtune.report import plot_preference_eval, plot_side_by_side
+    from llmtune.plots import plot_preference_eval, plot_side_by_side
 
     models = result.columns()
     replies = {name: [m["content"] for c in s.conversations for m in c if m["role"] == "assistant"] for name, s in models}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from llmtune.config import Recipe
 from llmtune.console import console
-from llmtune.data.prepare import PreparedData
+from llmtune.artifacts import PreparedData, RunDir, sample_prompts, trained_adapter
+from llmtune.distributed import configure_threads
 from llmtune.errors import LlmtuneError
 from llmtune.models import Placement, load_base_model, load_tokenizer, placement_for, resolve_base
 from llmtune.storage import ensure_writable, model_bytes
@@ -57,12 +58,7 @@ class MergeResult:
 
 def _prompt_batches(tokenizer, recipe: Recipe, prepared: PreparedData, limit: int = 4) -> list:
     """Fixed inputs for the logit check: the sample prompts and a few validation conversations."""
-    from llmtune.train.sft import sample_prompts
-
-    chats = sample_prompts(recipe, prepared)
-    source = prepared.val_jsonl if prepared.counts["val"] else prepared.train_jsonl
-    for line in source.read_text(encoding="utf-8").splitlines()[:limit]:
-        chats.append(json.loads(line)["messages"])
+    chats = sample_prompts(recipe, prepared) + prepared.fixed_conversations(limit)
     return [tokenizer.apply_chat_template(c, return_tensors="pt", return_dict=True)["input_ids"] for c in chats]
 
 
@@ -112,7 +108,6 @@ def merge(recipe: Recipe) -> MergeResult:
     from peft import PeftModel
 
     from llmtune.export.model_card import write_model_card
-    from llmtune.train.sft import configure_threads, trained_adapter
 
     run_dir = recipe.run_dir
     adapter_dir = trained_adapter(recipe)
@@ -170,7 +165,7 @@ def merge(recipe: Recipe) -> MergeResult:
             f" over {c.positions} positions{'' if c in binding else ' (informational)'}"
         )
 
-    merged_dir = run_dir / "merged"
+    merged_dir = RunDir(run_dir).merged
     staging = run_dir / ".merged-staging"
     shutil.rmtree(staging, ignore_errors=True)
     _write_generation_files(staging, model, tokenizer, prepared.end_of_turn)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from llmtune.artifacts import PreparedData, RunDir
 from llmtune.config import Recipe
+from llmtune.storage import file_sha256
 
 INTENDED_USE = """\
 ## Intended use
@@ -24,17 +25,10 @@ Fictional roleplay between consenting adults, served behind llmtune's moderated 
 """
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
     run_dir = recipe.run_dir
-    prepared = json.loads((run_dir / "data" / "prepared.json").read_text())
+    run = RunDir(run_dir)
+    prepared = PreparedData.load(run_dir)
     lines = [
         "---",
         f"base_model: {recipe.model.base}",
@@ -55,14 +49,14 @@ def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
         "| source | sha256 | origin | licence | read | kept | quarantined | duplicates |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for s in prepared["sources"]:
-        path = recipe.resolve_path(s["path"])
+    for s in prepared.sources:
+        path = recipe.resolve_path(s.path)
         digest = file_sha256(path)[:16] if path.is_file() else "-"
         lines.append(
-            f"| {s['path']} | `{digest}` | {s['origin'] or '-'} | {s['license'] or '**none declared**'} | "
-            f"{s['read']} | {s['kept']} | {s['quarantined']} | {s['duplicates']} |"
+            f"| {s.path} | `{digest}` | {s.origin or '-'} | {s.license or '**none declared**'} | "
+            f"{s.read} | {s.kept} | {s.quarantined} | {s.duplicates} |"
         )
-    c = prepared["counts"]
+    c = prepared.counts
     moderation = {"screened": c.get("screened", 0), **{f"blocked {k}": v for k, v in c.get("moderation", {}).items()}}
     lines += [
         "",
@@ -75,15 +69,14 @@ def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
         "## Training configuration",
         "",
         "```yaml",
-        (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").exists() else recipe.to_yaml(),
+        run.recipe.read_text() if run.recipe.exists() else recipe.to_yaml(),
         "```",
         "",
         "## Evaluation",
         "",
     ]
-    eval_json = run_dir / "eval.json"
-    if eval_json.exists():
-        e = json.loads(eval_json.read_text())
+    if run.eval_json.exists():
+        e = json.loads(run.eval_json.read_text())
         b, f = e["base"], e["finetuned"]
         lines += ["| metric | base | fine-tune |", "|---|---|---|"]
         lines.append(f"| eval loss | {b['eval_loss']:.4f} | {f['eval_loss']:.4f} |" if b else f"| eval loss | - | {f['eval_loss']:.4f} |")
@@ -95,7 +88,7 @@ def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
     lines += [
         "",
         f"Chat template: the one used in training (tokenizer_config / chat_template.jinja); end-of-turn and stop token: "
-        f"`{prepared['end_of_turn']}`.",
+        f"`{prepared.end_of_turn}`.",
         "",
         INTENDED_USE,
         "## How to serve",

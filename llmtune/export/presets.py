@@ -17,53 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmtune.artifacts import PreparedData, RunDir, sample_prompts
 from llmtune.config import Recipe
 from llmtune.console import console
-from llmtune.data.prepare import PreparedData
-from llmtune.data.template import _render
-from llmtune.data.types import Message
-from llmtune.errors import LlmtuneError
-
-
-@dataclass(frozen=True)
-class RoleSequences:
-    """What the template writes around each role's content, and where generation stops."""
-
-    bos: str
-    system_prefix: str
-    system_suffix: str
-    user_prefix: str
-    user_suffix: str
-    assistant_prefix: str
-    assistant_suffix: str
-    stop: list[str] = field(default_factory=list)
-
-
-def role_sequences(tokenizer, template: str, eot: str) -> RoleSequences:
-    """Read the per-role wrappers off a rendered probe conversation."""
-    S, U1, A1, U2, A2 = "\ue010S\ue011", "\ue010U1\ue011", "\ue010A1\ue011", "\ue010U2\ue011", "\ue010A2\ue011"
-    probe = [Message("system", S), Message("user", U1), Message("assistant", A1), Message("user", U2), Message("assistant", A2)]
-    text = _render(tokenizer, probe, template)
-    if any(marker not in text for marker in (S, U1, A1, U2, A2)):
-        raise LlmtuneError("the chat template drops or rewrites messages; cannot derive chat-app presets from it")
-    pre_s, rest = text.split(S, 1)
-    s_to_u1, rest = rest.split(U1, 1)
-    u1_to_a1, rest = rest.split(A1, 1)
-    a1_to_u2, rest = rest.split(U2, 1)
-    _, after_a2 = rest.split(A2, 1)
-    gen_prompt = _render(tokenizer, probe[:2], template, add_generation_prompt=True)[len(_render(tokenizer, probe[:2], template)):]
-    assistant_prefix = gen_prompt or u1_to_a1
-    user_suffix = u1_to_a1[: len(u1_to_a1) - len(assistant_prefix)] if u1_to_a1.endswith(assistant_prefix) else u1_to_a1
-    assistant_suffix = after_a2
-    user_prefix = a1_to_u2[len(assistant_suffix):] if a1_to_u2.startswith(assistant_suffix) else a1_to_u2
-    system_suffix = s_to_u1[: len(s_to_u1) - len(user_prefix)] if s_to_u1.endswith(user_prefix) else s_to_u1
-    # A BOS the template writes once at the start, unless it is the token that opens every role (ChatML).
-    b = tokenizer.bos_token
-    bos = b if b and pre_s.startswith(b) and not user_prefix.startswith(b) else ""
-    system_prefix = pre_s[len(bos):]
-    stops = [eot] + ([user_prefix.strip()] if user_prefix.strip() and user_prefix.strip() != eot else [])
-    return RoleSequences(bos, system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix,
-                         assistant_suffix, stops)
+from llmtune.data.template import RoleSequences, role_sequences
 
 
 def sillytavern_instruct(name: str, seq: RoleSequences) -> dict:
@@ -245,13 +202,6 @@ def _card_for(recipe: Recipe) -> dict | None:
     return None
 
 
-def _fixed_conversations(prepared: PreparedData, limit: int = 4) -> list[list[dict]]:
-    """A few of the run's own conversations (validation first), the inputs merge checks too."""
-    source = prepared.val_jsonl if prepared.counts["val"] else prepared.train_jsonl
-    lines = source.read_text(encoding="utf-8").splitlines()[:limit]
-    return [json.loads(line)["messages"] for line in lines]
-
-
 def export_gguf(recipe: Recipe, prepared: PreparedData, export_dir: Path) -> list[dict]:
     """GGUF files of merged/ in export/, each verified against the merged model; [] without merged/."""
     from transformers import AutoConfig
@@ -259,11 +209,12 @@ def export_gguf(recipe: Recipe, prepared: PreparedData, export_dir: Path) -> lis
     from llmtune.export.gguf_convert import GGUFError, llama_cpp_version, quantize_with_llama_cpp, special_tokens, write_gguf
     from llmtune.export.gguf_verify import verify_gguf
     from llmtune.models import load_tokenizer
+    from llmtune.distributed import configure_threads
     from llmtune.storage import ensure_writable, model_bytes
-    from llmtune.train.sft import configure_threads, sample_prompts
 
-    cfg, merged = recipe.export, recipe.run_dir / "merged"
-    if not (merged / "config.json").exists():
+    run = RunDir(recipe.run_dir)
+    cfg, merged = recipe.export, run.merged
+    if not run.has_merged():
         console.print(f"  GGUF: skipped, no merged model in {merged}; run `llmtune merge {recipe.run_dir}` "
                       f"then `llmtune export {recipe.run_dir}`")
         return []
@@ -305,7 +256,7 @@ def export_gguf(recipe: Recipe, prepared: PreparedData, export_dir: Path) -> lis
         rope_freqs = (getattr(config, "rope_parameters", None) or {}).get("rope_type") == "llama3"
         checks = verify_gguf(
             [(f.path, f.outtype) for f in written], merged, tokenizer, sample_prompts(recipe, prepared),
-            _fixed_conversations(prepared), prepared.end_of_turn, prepared.chat_template,
+            prepared.fixed_conversations(), prepared.end_of_turn, prepared.chat_template,
             cfg.gguf_greedy_tokens, cfg.gguf_min_top1_agreement, threads, rope_freqs,
         )
         for entry, check in zip(report["files"], checks):
@@ -365,10 +316,11 @@ def export_for_apps(recipe: Recipe) -> ExportResult:
     from llmtune.models import load_tokenizer
 
     run_dir = recipe.run_dir
+    run = RunDir(run_dir)
     prepared = PreparedData.load(run_dir)
-    export_dir = run_dir / "export"
+    export_dir = run.export
     export_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(str(run_dir / "adapter"))
+    tokenizer = load_tokenizer(str(run.adapter))
     seq = role_sequences(tokenizer, prepared.chat_template, prepared.end_of_turn)
     files: list[Path] = []
     console.print(f"[bold]export[/]: {recipe.name} -> {export_dir}")
@@ -384,7 +336,7 @@ def export_for_apps(recipe: Recipe) -> ExportResult:
     if card:
         write(f"{card['data']['name']}.card.json", json.dumps(card, indent=2, ensure_ascii=False))
     if gguf:
-        context = min(4096, json.loads((run_dir / "merged" / "config.json").read_text())["max_position_embeddings"])
+        context = min(4096, json.loads((run.merged / "config.json").read_text())["max_position_embeddings"])
         write("koboldcpp-adapter.json", json.dumps(koboldcpp_adapter(seq), indent=2, ensure_ascii=False))
         write("CONNECT.md", _local_guide(recipe, gguf, seq, context))
     if recipe.export.sillytavern:
@@ -397,7 +349,7 @@ def export_for_apps(recipe: Recipe) -> ExportResult:
             local="\nLocal runtimes (llama.cpp server, KoboldCpp) with the GGUF files: see CONNECT.md.\n" if gguf else "",
         ))
     if recipe.export.ollama:
-        merged = run_dir / "merged"
+        merged = run.merged
         if gguf:  # Ollama imports a GGUF as is; no conversion on `ollama create`
             source, adapter = f"./{_preferred(gguf)['file']}", None
         else:

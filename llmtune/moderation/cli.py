@@ -8,12 +8,12 @@ The lead registers them on the main app:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from llmtune.console import exit_with, user_errors
 from llmtune.errors import LlmtuneError
 
 
@@ -25,35 +25,24 @@ moderation_app = typer.Typer(
 )
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    print(f"error: {exc}", file=sys.stderr)
-    return typer.Exit(2)
-
-
 def _config(adapter: str | None, policy_file: Path | None, names_file: Path | None, recipe: Path | None):
     """A ModerationConfig from a recipe's `moderation:` section, with CLI flags on top."""
-    import yaml
-    from pydantic import ValidationError
-
     from llmtune.moderation.policy import ModerationConfig
+    from llmtune.schema import read_yaml_mapping, validate
 
     section: dict = {}
+    text = ""
     if recipe is not None:
-        if not recipe.is_file():
-            raise LlmtuneError(f"recipe not found: {recipe}")
-        doc = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-        section = dict(doc.get("moderation") or {}) if isinstance(doc, dict) else {}
+        doc, text = read_yaml_mapping(recipe, "recipe", LlmtuneError)
+        section = dict(doc.get("moderation") or {})
     if adapter:
         section["adapter"] = adapter
     if policy_file:
         section["policy_file"] = str(policy_file)
     if names_file:
         section["real_person_names_file"] = str(names_file)
-    try:
-        return ModerationConfig.model_validate(section)
-    except ValidationError as err:
-        where = f"{recipe}: " if recipe else ""
-        raise LlmtuneError("\n".join(f"{where}moderation.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    where = str(recipe) if recipe else "--adapter/--policy-file/--names-file"
+    return validate(ModerationConfig, section, where, LlmtuneError, text, prefix=("moderation",))
 
 
 def moderate_command(
@@ -81,13 +70,14 @@ def moderate_command(
     or replies in their conversation; each row comes back unchanged with `allowed`, `categories`
     and `evidence` (which facts were found, and where) added.
     """
-    from llmtune.moderation.screener import configure_threads, load_screener
+    from llmtune.distributed import configure_threads
+    from llmtune.moderation.screener import load_screener
 
     if (text is None) == (input_path is None):
-        raise _fail(LlmtuneError("give exactly one of --text or --input (with --output)"))
+        exit_with("give exactly one of --text or --input (with --output)")
     if input_path is not None and output_path is None:
-        raise _fail(LlmtuneError("--input needs --output: where to write the screened rows"))
-    try:
+        exit_with("--input needs --output: where to write the screened rows")
+    with user_errors():
         configure_threads(threads)
         screener = load_screener(_config(adapter, policy_file, names_file, recipe))
         if text is not None:
@@ -101,14 +91,10 @@ def moderate_command(
                     print(f"  {reason}")
             return
         _moderate_file(screener, input_path, output_path, batch_size)
-    except (LlmtuneError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
 
 
 def _row_item(row, where: str):
     """One input row as what to screen: ("text", text) | ("messages", messages) | ("reply", messages, output)."""
-    if not isinstance(row, dict):
-        raise LlmtuneError(f"{where}: each row is a JSON object with \"text\", \"messages\" or \"messages\" + \"output\"")
     if isinstance(row.get("messages"), list):
         messages = row["messages"]
         for i, m in enumerate(messages):
@@ -129,19 +115,12 @@ def _moderate_file(screener, input_path: Path, output_path: Path, batch_size: in
 
     from llmtune.console import console
 
-    if not input_path.is_file():
-        raise LlmtuneError(f"--input {input_path} does not exist")
+    from llmtune.jsonl import json_objects
+
     rows, items = [], []
-    with input_path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LlmtuneError(f"{input_path}:{n}: not valid JSON ({exc.msg}); one JSON object per line") from None
-            items.append(_row_item(row, f"{input_path}:{n}"))
-            rows.append(row)
+    for _, where, row in json_objects(input_path, "--input"):
+        items.append(_row_item(row, where))
+        rows.append(row)
     decisions = [None] * len(rows)
     texts = [i for i, item in enumerate(items) if item[0] == "text"]
     for i, d in zip(texts, screener.screen_batch([items[i][1] for i in texts], batch_size=batch_size, progress=len(texts) > 200)):
@@ -169,10 +148,8 @@ def train_command(
     """Train the moderation adapter (LoRA + multi-label head on MiniLM) and calibrate its thresholds on dev."""
     from llmtune.moderation.train import load_moderation_recipe, train_moderation
 
-    try:
+    with user_errors():
         train_moderation(load_moderation_recipe(recipe, overrides or []))
-    except (LlmtuneError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
 
 
 @moderation_app.command("eval", epilog="Example: `llmtune moderation eval --split heldout --json`")
@@ -186,12 +163,10 @@ def eval_command(
 ) -> None:
     """Recall per category, false-positive rates on adult requests and tame roleplay, per kind, language and obfuscation."""
     from llmtune.moderation.evaluate import evaluate_moderation
-    from llmtune.moderation.screener import configure_threads
+    from llmtune.distributed import configure_threads
 
-    try:
+    with user_errors():
         configure_threads(threads)
         result = evaluate_moderation(split, adapter, out, eval_dir)
-    except (LlmtuneError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
     if as_json:
         print(json.dumps(result.to_json(), indent=2))

@@ -30,10 +30,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from llmtune.moderation.decision import Decision, merge_decisions
 from llmtune.moderation.facts import ADULT_AGE, Evidence, TextFacts, this_year
 
 if TYPE_CHECKING:
-    from llmtune.moderation.screener import Decision, Screener
+    from llmtune.moderation.screener import Screener
 
 PREFIX_CACHE_SIZE = 4096
 # Replies are screened at checkpoints: the first whitespace at least this many characters after
@@ -156,8 +157,6 @@ class ConversationState:
         return []
 
     def decision(self) -> "Decision":
-        from llmtune.moderation.screener import Decision, merge_decisions
-
         screener = self.screener
         base = merge_decisions(self.per_text, screener.categories) if self.per_text else Decision(
             True, [], {c: 0.0 for c in screener.categories}, "none")

@@ -38,7 +38,7 @@ class Reading:
 def english_words() -> frozenset[str]:
     """Whole English words (2+ letters) from the moderation encoder's WordPiece vocabulary: a
     21k-word dictionary that ships with the embedded encoder, so no extra download."""
-    from llmtune.moderation.adapter import minilm_dir
+    from llmtune.encoder import minilm_dir
 
     try:
         vocab = (minilm_dir() / "vocab.txt").read_text(encoding="utf-8").split()

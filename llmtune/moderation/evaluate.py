@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtune.console import console
-from llmtune.moderation.errors import ModerationError, json_objects
+from llmtune.jsonl import json_objects
+from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, ModerationConfig
 
 EVAL_DIR = Path("data/moderation/eval")
@@ -54,7 +55,7 @@ class EvalRow:
 def read_eval_rows(path: Path) -> list[EvalRow]:
     """Evaluation-format rows; template rows ({"text", "labels"}) are read too, as single texts."""
     rows = []
-    for n, where, obj in json_objects(path, "evaluation set"):
+    for n, where, obj in json_objects(path, "evaluation set", ModerationError):
         if "expected" not in obj and "labels" in obj:  # a template split
             labels = obj["labels"]
             obj = {"id": f"{path.stem}-{n}", "text": obj.get("text"), "expected": "block" if labels else "allow",
@@ -184,9 +185,9 @@ def evaluate_moderation(split: str = "heldout", adapter: str = "embedded", out_d
 
 def _plot(result: ModerationEval, out: Path) -> Path:
     """Recall per category and false-positive rate per allowed group, side by side (eval.png)."""
-    from llmtune.report import _pyplot
+    from llmtune.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     m = result.metrics
     cats = [c for c, v in m["per_category"].items() if v["positives"]]
     groups = [g for g, f in m["fpr"].items() if f["rows"]]

@@ -73,15 +73,11 @@ class TextFacts:
         self.names |= other.names
 
 
-def _rx(pattern: str) -> re.Pattern:
-    return re.compile(pattern, re.IGNORECASE)
-
-
 # ---------------------------------------------------------------------------------------------
 # Minor facts: scope
 
 # A person noun ("a schoolgirl", "a kid") is about a participant when it is predicated of one.
-_PARTICIPANT_BEFORE = _rx(
+_PARTICIPANT_BEFORE = R.rx(
     r"(?:\b(?:i'?m|i am|you'?re|you are|u r|ur|she'?s|she is|he'?s|he is|they'?re|they are|it'?s|is|are|was|were|be|being|becomes?|became"
     r"|plays?|playing|played|as|roleplay(?:s|ing)? as|rp as|pretend(?:s|ing)? to be|acts? as|portray(?:s|ing)?|character is|persona is"
     r"|oc is|{{char}} is|{{user}} is|\w+ is)\s+(?:(?:a|an|the|my|your|our|still|just|only|basically|like|really|actually|"
@@ -89,15 +85,15 @@ _PARTICIPANT_BEFORE = _rx(
     r"|\b[a-z]+,\s+(?:a|an|the)\s+(?:\w+\s+){0,2})$"
 )
 # Ages in the past of someone who is older now: "when she was 15", "left home at 15", "as a kid".
-_BACKSTORY_BEFORE = _rx(
+_BACKSTORY_BEFORE = R.rx(
     r"(?:\b(?:when|since|until|till|before|after|back when|ever since|by the time|the year)\s+(?:\w+\s+){0,2}(?:was|were|turned|had turned|had been)"
     r"\s+(?:only\s+|just\s+|about\s+|around\s+)?(?:a\s+|an\s+)?"
     r"|\b(?:at|from|aged?|age)\s+(?:the age of\s+|age\s+)?(?=\d)"
     r"|\b(?:as|once|used to be|was once)\s+(?:a\s+|an\s+)?(?:little\s+|young\s+)?)$"
 )
-_BACKSTORY_AFTER = _rx(r"^\W{0,3}\s*(?:years? ago|back then|in (?:her|his|their|my) (?:youth|childhood)|long ago)")
-_PLACE = _rx(r"^(?:(?:middle|elementary|primary|secondary|junior[\s-]high|grade|high)[\s-]?school|kindergarten|preschool|school[\s-]?age)$")
-_FRAMING = _rx(
+_BACKSTORY_AFTER = R.rx(r"^\W{0,3}\s*(?:years? ago|back then|in (?:her|his|their|my) (?:youth|childhood)|long ago)")
+_PLACE = R.rx(r"^(?:(?:middle|elementary|primary|secondary|junior[\s-]high|grade|high)[\s-]?school|kindergarten|preschool|school[\s-]?age)$")
+_FRAMING = R.rx(
     r"^(?:underaged?|under[\s-]age|under[\s-]+.*|not (?:yet )?(?:of age|an adult|legal)|below the age.*|(?:almost|nearly|not yet|not quite|soon to be|about to (?:turn|be)|turning|turns) 18"
     r"|age[\s-]?play\w*|age[\s-]regress\w*|agere\w*|little[\s-]?space|ddlg|mdlb|mdlg|ddlb|abdl|cgl|(?:has not|hasn't|have not|not yet|before|never) .*puberty|pre-?pubert\w*|prepubescent|pre-pubescent)$"
 )
@@ -134,23 +130,23 @@ def _minor_scope(cue, view: str, role: str) -> tuple[str, str]:
 # Ages outside the English rules: name fields, birth years, indirect ages
 
 _NAME_AGE = re.compile(r"(?<![0-9])(1[0-7]|[1-9])(?![0-9])")
-_BIRTH = _rx(
+_BIRTH = R.rx(
     r"\b(?:born|b\.|dob|date of birth|birth ?year|birthday)\s*[:\-]?\s*(?:in|on)?\s*(?:[a-z]+\s+)?(?:\d{1,2}(?:st|nd|rd|th)?,?\s+)?(?:of\s+)?((?:19|20)\d{2})\b"
     r"|\b(?:née?|nee|geboren|geb\.|nacid[ao]|nasci(?:da|do)|nat[ao]|родил(?:ась|ся)|urodzon[aey]|urodził[ao]?\s+się)\s+(?:(?:en|in|em|nel|w|im jahr|le|am)\s+)?(?:[^\d\s]+\s+){0,3}((?:19|20)\d{2})\b"
     r"|((?:19|20)\d{2})\s*(?:年生まれ|年生|年出生|年出世|年に生まれ)"
     r"|\bclass of ((?:19|20)\d{2})\b"
 )
-_STORY_YEAR = _rx(
+_STORY_YEAR = R.rx(
     r"\b(?:the (?:current )?year is|it(?:'s| is) (?:now |the year )?|in the year|year:|set in|story year:?|the story takes place in|takes place in|calendar (?:reads|says|shows))\s*((?:19|20|21)\d{2})\b"
     r"|^\s*\[?\s*((?:19|20|21)\d{2})\s*[\].:]"
     r"|\b(?:on est en|wir haben|es el año|estamos en|siamo nel|сейчас|mamy rok|het is)\s+((?:19|20|21)\d{2})\b"
 )
-_YEARS_TO_18 = _rx(
+_YEARS_TO_18 = R.rx(
     r"\b(?:turns?|turning|will be|becomes?)\s+18\s+(?:in|next)\s+(\d{1,2}|a|one|two|three|four|five|six|seven|eight|nine|ten)\s+(?:more\s+)?years?\b"
     r"|\b(\d{1,2}|a|one|two|three|four|five|six|seven|eight|nine|ten)\s+(?:more\s+)?years?\s+(?:away from|until|till|before|short of|from)\s+"
     r"(?:(?:turning|being|she'?s|he'?s|they'?re|i'?m)\s+)?(?:18|eighteen|an adult|adulthood|legal|(?:she|he|they|i) can (?:vote|drive))\b"
 )
-_INDIRECT_MINOR = _rx(
+_INDIRECT_MINOR = R.rx(
     r"\b(?:can'?t|cannot|can not|isn'?t old enough to|is not old enough to|not old enough to|too young to) (?:legally )?(?:drive|vote|get a driver'?s licen[cs]e)(?: yet)?\b"
     r"|\bstill in (?:high|middle|elementary|primary|junior high|secondary) school\b"
     r"|\b(?:hasn'?t|has not|haven'?t) (?:even )?(?:graduated|finished) (?:high|middle) school\b"
@@ -227,23 +223,23 @@ _CAPITALISED = re.compile(r"\b[A-Z][a-z'’-]{1,20}\b")
 # ---------------------------------------------------------------------------------------------
 # Real people
 
-_LOOKALIKE_BEFORE = _rx(
+_LOOKALIKE_BEFORE = R.rx(
     r"(?:\b(?:looks?|looking|resembl\w*|like|lookalike|look-alike|styled after|inspired by|a poster of|a photo of|a picture of|cosplay(?:ing|s)? as|dressed as|a fan of|fan of|by|from|about the career of|biography of|the music of|songs? by|a song by|album by)\s+(?:\w+\s+){0,1})$"
 )
-_DESCRIBED = _rx(
+_DESCRIBED = R.rx(
     r"\b(?:the|that|this)\s+(?:current\s+|former\s+|sitting\s+|famous\s+|real\s+|actual\s+)?(?:ceo|founder|co-?founder|owner|chairman|chairwoman|president|prime minister|pm|chancellor|premier"
     r"|king|queen|prince|princess|crown prince|first lady|vice president|governor|mayor|senator|minister|pope|head coach|coach|captain|striker|goalkeeper|quarterback|point guard"
     r"|lead singer|singer|frontman|frontwoman|drummer|guitarist|rapper|member|host|anchor|presenter|wife|husband|daughter|son|girlfriend|boyfriend|star|lead actress|lead actor|actress|actor)"
     r"\s+(?:of|at|for|from|on|in)\s+(?:the\s+)?([\w'’&.\- ]{2,40}?)(?=[\s,.;:!?)]|$)"
 )
-_DESCRIBED_WHO = _rx(
+_DESCRIBED_WHO = R.rx(
     r"\b(?:the|that|this)\s+(?:\w+\s+){0,2}(?:billionaire|ceo|founder|owner|singer|actress|actor|rapper|streamer|youtuber|influencer|politician|president|athlete|player|host|star|celebrity|businessman|businesswoman)"
     r"\s+who\s+(?:bought|buys|founded|owns|owned|runs|ran|leads|led|fronts|hosts|hosted|plays for|played for|played|stars in|starred in|sings for|won|coaches|manages|created)\s+([\w'’&.\- ]{2,40}?)(?=[\s,.;:!?)]|$)"
 )
 # "the actor who played <a named role>": identifiable without any list.
-_PLAYED = _rx(r"\b(?:the|that)\s+(?:\w+\s+)?(?:actor|actress|voice actor|voice actress|star|singer|rapper|comedian|host)\s+who\s+"
+_PLAYED = R.rx(r"\b(?:the|that)\s+(?:\w+\s+)?(?:actor|actress|voice actor|voice actress|star|singer|rapper|comedian|host)\s+who\s+"
               r"(?:played|plays|portrayed|portrays|voiced|voices|sang|sings|hosted|hosts|starred as|stars as)\s+\S+")
-_PRIVATE = _rx(
+_PRIVATE = R.rx(
     r"\b(?:my|our)\s+(?:real\s+|actual\s+|irl\s+)?(?:co-?workers?|colleagues?|boss|manager|supervisor|employee|secretary|intern|neighbou?rs?|landlord|landlady|tenant|roommate|flatmate"
     r"|classmates?|ex|ex-?(?:girlfriend|boyfriend|wife|husband|partner)|crush|friend'?s (?:wife|husband|girlfriend|boyfriend|mom|mum|dad|sister|brother)|best friend|sister-in-law|brother-in-law"
     r"|step-?(?:sister|brother|mom|mum|dad)|cousin|aunt|uncle|teacher|professor|doctor|therapist|nurse|trainer|personal trainer|barista|cashier|mail ?carrier|pastor|priest)\b"
@@ -251,23 +247,23 @@ _PRIVATE = _rx(
     r"|\b(?:someone|somebody|a person) i (?:know|work with|met)\b"
 )
 _HANDLE = re.compile(r"(?<![\w@])@[A-Za-z0-9_][A-Za-z0-9_.]{2,29}\b")
-_ADDRESS = _rx(
+_ADDRESS = R.rx(
     r"\b\d{1,5}\s+(?:[a-z]+\s+){1,3}(?:st|street|ave|avenue|rd|road|ln|lane|blvd|boulevard|dr|drive|ct|court|way|pl|place|terrace|crescent|close|rue|straße|strasse|calle|via)\b"
     r"|\blives? (?:at|on) \d{1,5}\b"
 )
-_REAL_NAME = _rx(r"\b(?:use|using|with|by|under|put|call (?:her|him|them) by)\s+(?:her|his|their|my|the)\s+(?:real|actual|full|irl)\s+names?\b|\breal[\s-]life (?:version|name)\b")
-_CASTING = _rx(r"\b(?:you are|you're|you play|pretend(?:ing)? to be|roleplay(?:ing)? as|rp as|be|act as|play|with|and me|and i|me and|i and|date|dating|kiss|marry|about)\b")
+_REAL_NAME = R.rx(r"\b(?:use|using|with|by|under|put|call (?:her|him|them) by)\s+(?:her|his|their|my|the)\s+(?:real|actual|full|irl)\s+names?\b|\breal[\s-]life (?:version|name)\b")
+_CASTING = R.rx(r"\b(?:you are|you're|you play|pretend(?:ing)? to be|roleplay(?:ing)? as|rp as|be|act as|play|with|and me|and i|me and|i and|date|dating|kiss|marry|about)\b")
 
 
 # A real person cast in the roleplay or made the subject of the request, not only mentioned
 # ("during Obama's first term", "at a Beyoncé concert").
-_CAST_BEFORE = _rx(
+_CAST_BEFORE = R.rx(
     r"(?:\b(?:you are|you're|ur|u r|you play|play|playing|be|as|roleplay(?:ing)? as|rp as|pretend(?:ing)? to be|act(?:ing)? as|"
     r"with|and me|me and|i and|date|dating|dates|kiss(?:es|ing)?|marry|marries|seduce\w*|about|starring|featuring|x|on|"
     r"undress\w*|imagine|picture|fantasy about|fantasi[sz]e about|story of|scene of|scene with|pics? of|photos? of|nudes? of|"
     r"deepfake of|is|named)\s+(?:the\s+|a\s+|real\s+|actual\s+){0,2})$"
 )
-_CAST_AFTER = _rx(
+_CAST_AFTER = R.rx(
     r"^(?:'s|’s)?\s*(?:and (?:me|i)\b|x\b|\+|naked|nude|undress\w*|in (?:bed|lingerie|a (?:sex|love|sexy|steamy|explicit))|"
     r"(?:'s|’s)?\s*(?:body|bodies|nudes?|photos?|pics?|boobs|ass|feet)|(?:kiss|seduc|flirt|sleep|hook|make)\w*|"
     r"(?:is|as) (?:my|your|the user's)|, (?:a|the) (?:\w+ ){0,2}who)"

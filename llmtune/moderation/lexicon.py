@@ -353,7 +353,7 @@ MIN_ALIAS_CHARS = 4
 
 @lru_cache(maxsize=1)
 def _common_words() -> frozenset[str]:
-    from llmtune.moderation.adapter import minilm_dir
+    from llmtune.encoder import minilm_dir
 
     try:
         vocab = (minilm_dir() / "vocab.txt").read_text(encoding="utf-8").split("\n")

@@ -1,7 +1,7 @@
 """The moderation policy as a recipe section: what is screened, and what can never be switched off.
 
-This module imports only pydantic and the standard library: `llmtune.config` imports it at CLI
-start-up. The safety floor (DESIGN.md, "Safety policy") lives in `HARD_FLOOR`, a constant;
+This module imports only pydantic, the standard library and `llmtune.schema`: `llmtune.config`
+imports it at CLI start-up. The safety floor (docs/safety.md) lives in `HARD_FLOOR`, a constant;
 nothing here or in the screener reads environment variables, so no recipe key, CLI flag or
 environment variable can lower it.
 """
@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
+
+from llmtune.schema import Section
 
 # Screened in every stage whatever the config says: sexual content involving minors, and
 # sexual content about real, identifiable people.
@@ -57,14 +59,12 @@ def _floor_error(key: str, what: str) -> ValueError:
     return ValueError(
         f"`{key}` is part of the hard safety floor and cannot be turned off ({what}); "
         f"the floor ({', '.join(HARD_FLOOR)}) is screened in every stage whatever the recipe says "
-        "(DESIGN.md, Safety policy). Remove the key."
+        "(docs/safety.md). Remove the key."
     )
 
 
-class ModerationConfig(BaseModel):
+class ModerationConfig(Section):
     """How llmtune screens training rows, prompts, system prompts, character cards and outputs."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     enabled: bool = Field(
         True,

@@ -46,14 +46,15 @@ class RuleHit:
         return f"{self.category}: {self.rule} ({self.evidence})"
 
 
-def _rx(pattern: str) -> re.Pattern:
+def rx(pattern: str) -> re.Pattern:
+    """A case-insensitive pattern (every cue and context in rules.py and facts.py)."""
     return re.compile(pattern, re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------
 # Exemptions: phrases blanked out (same length, offsets kept) before cues and contexts are found.
 
-_EXEMPT = _rx(
+_EXEMPT = rx(
     r"\b(?:"
     r"sex[\s-]*ed(?:ucation)?|sexual (?:health|orientation|identity|harassment (?:training|policy|seminar))"
     r"|same[\s-]sex|opposite sex|sex of the baby|gender and sex|sex\s*:\s*(?:fe)?male|sex\s*:\s*[fm]\b"
@@ -86,7 +87,7 @@ _MINOR_NOUN_EXCLUSIONS = (
 # ---------------------------------------------------------------------------------------------
 # Contexts
 
-_SEXUAL = _rx(
+_SEXUAL = rx(
     r"\b(?:sex|sexual\w*|sexy|sexi(?:er|est|ly)|sext(?:s|ed|ing)?|sexuali[sz]\w*|erotic\w*|explicit(?:ly)?|nsfw|lewd\w*"
     r"|smut\w*|porn\w*|nudes?|nudity|nudie\w*|naked (?:photo|pic|picture|image|selfie|video)s?|intercourse|orgasm\w*"
     r"|arous(?:ed|al|ing|e|es)|horny|lust(?:s|ful|fully|ed|ing|y)?|seduc\w+|foreplay|fondl\w+|grop(?:e|es|ed|ing)"
@@ -100,7 +101,7 @@ _SEXUAL = _rx(
     r"|lingerie|dirty (?:stor(?:y|ies)|talk|chat|pictures?|photos?|roleplay|rp|messages?|texts?)|raunchy|suggestive|(?:one|1)[\s-]night[\s-]stands?"
     r"|in a sexual way|sexually|(?:spicy|steamy) (?:scene|roleplay|rp|story|content|chat|night|(?:one|1)-?shot|fic|fanfic|fan ?fiction|romance|encounter|photo|pic|video)s?|smutty)\b"
 )
-_ROMANTIC = _rx(
+_ROMANTIC = rx(
     r"\b(?:romance\w*|romantic\w*|(?:go|goes|going|went) on (?:a )?dates?|on a date|date night|dating|dates (?:her|him|them)"
     r"|crush(?:es)? on|has a crush|having a crush|(?:falls?|fell|falling|fallen) (?:in love|for)|in love with"
     r"|(?:make|makes|making|made)[\s-]out|(?:passionate(?:ly)?|french|deep|sloppy|lingering|long) kiss\w*|kiss\w* (?:passionately|deeply)"
@@ -121,18 +122,18 @@ _NOT_A_PERSON = (
 )
 _AGE_PATTERNS = [
     # 15-year-old, 15 years old, 15 yrs old, 15-year-olds, "15 year-old"
-    _rx(r"(?<!\d)(?<!\d[*._-])(?<!\d [.*_-] )(\d{1,4})\s*[-\s]?\s*(?:years?|yrs?|yr|y)[\s-]*olds?\b" + _NOT_A_PERSON),
+    rx(r"(?<!\d)(?<!\d[*._-])(?<!\d [.*_-] )(\d{1,4})\s*[-\s]?\s*(?:years?|yrs?|yr|y)[\s-]*olds?\b" + _NOT_A_PERSON),
     # 15yo, 15 y/o, 15 y.o., 15yrs
-    _rx(r"(?<!\d)(?<!\d[*._-])(?<!\d [.*_-] )(\d{1,3})\s*(?:yo|y/[o0]|y\.\s?[o0]\.?|yrs?|yob)(?![a-z])" + _NOT_A_PERSON),
+    rx(r"(?<!\d)(?<!\d[*._-])(?<!\d [.*_-] )(\d{1,3})\s*(?:yo|y/[o0]|y\.\s?[o0]\.?|yrs?|yob)(?![a-z])" + _NOT_A_PERSON),
     # character-card style: "Rosa, 15, a shy student", "Name: Rosa, 15."
-    _rx(r"(?:^|[:\n]\s*)[a-z]+(?: [a-z]+)?,\s*(\d{1,2})(?![ .*_]{1,3}\d)\s*(?:,|\.|;|\)|$)"),
+    rx(r"(?:^|[:\n]\s*)[a-z]+(?: [a-z]+)?,\s*(\d{1,2})(?![ .*_]{1,3}\d)\s*(?:,|\.|;|\)|$)"),
     # 15 years of age, 15 years young
-    _rx(r"(?<!\d)(\d{1,3})\s*years?\s+(?:of age|young)\b"),
+    rx(r"(?<!\d)(\d{1,3})\s*years?\s+(?:of age|young)\b"),
     # age 15, aged 15, age: 15, at the age of 15, ages 12-14
-    _rx(r"\b(?:age|aged|ages|age of|ages of)\s*[:=]?\s*(?:of\s+)?(?:just\s+|only\s+|barely\s+|about\s+|around\s+)?(\d{1,3})(?![ .*_]{1,3}\d\b)"
+    rx(r"\b(?:age|aged|ages|age of|ages of)\s*[:=]?\s*(?:of\s+)?(?:just\s+|only\s+|barely\s+|about\s+|around\s+)?(\d{1,3})(?![ .*_]{1,3}\d\b)"
         r"(?:\s*(?:-|to|–|and)\s*(\d{1,3}))?\b"),
     # she is 15, he's 14, who is 13, i am 12, turned 15
-    _rx(
+    rx(
         r"\b(?:she|he|they|who|i|you|girl|boy|kid|child|character|persona|oc|daughter|son|student|it|we|this girl|this boy)"
         r"(?:'s|’s|'re|’re|'m|’m|\s+(?:is|are|am|was|were|turned|turns|has turned|just turned|is now|is only|is just))\s+['\"‘“]?"
         r"(?:(?:only|just|barely|about|around|like|now|still|almost|nearly|turned|turning|currently)\s+){0,2}(\d{1,3})\b"
@@ -141,28 +142,28 @@ _AGE_PATTERNS = [
         r"euros?|points?|steps?|floors?|stor(?:ey|y|ies)|people|of (?:us|them)|cents?|percent))"
     ),
     # a boy of 12, a girl aged 9, the girl the user says is 16, the character is 'only 15'
-    _rx(r"\b(?:girl|boy|child|kid|daughter|son|teen|teenager|student|lass|lad|pupil|man|woman|person|guy|lady|character|someone)s? (?:of|aged|age) (\d{1,2})\b(?![ .*_-]{1,3}\d)"),
-    _rx(
+    rx(r"\b(?:girl|boy|child|kid|daughter|son|teen|teenager|student|lass|lad|pupil|man|woman|person|guy|lady|character|someone)s? (?:of|aged|age) (\d{1,2})\b(?![ .*_-]{1,3}\d)"),
+    rx(
         r"\b(?:girl|boy|kid|child|character|daughter|son|student|partner|persona|oc|npc|she|he)\b(?:\s+\S+){0,4}?\s+"
         r"(?:says (?:she |he )?is|claims (?:she |he )?is|is|'s|’s|was)\s+['\"‘“]?(?:only\s+|just\s+|barely\s+|about\s+|around\s+)?(\d{1,2})\b"
         r"(?![\d:.]|\s*(?:%|percent|feet|foot|ft|inch\w*|cm|mm|m\b|meters?|metres?|kg|kgs|lbs?|pounds?|minutes?|mins?|hours?|hrs?|"
         r"seconds?|secs?|days?|weeks?|months?|miles?|km|o'?clock|am\b|pm\b|times|dollars?|euros?|points?|cents?|th\b|st\b|nd\b|rd\b))"
     ),
     # stated to be 11, described as 14, canonically 15
-    _rx(r"\b(?:stated|said|described|written|established|confirmed|shown|depicted|portrayed|revealed|canonically|canon)\s+(?:to be|as)?\s*(?:only\s+|just\s+)?(\d{1,2})\b(?![\d:.])"),
+    rx(r"\b(?:stated|said|described|written|established|confirmed|shown|depicted|portrayed|revealed|canonically|canon)\s+(?:to be|as)?\s*(?:only\s+|just\s+)?(\d{1,2})\b(?![\d:.])"),
     # Mia (15), (15f), 15/f, f15
-    _rx(r"\b[a-z]+\s*\((\d{1,2})\s*(?:[/,]?\s*[fmx])?\)"),
+    rx(r"\b[a-z]+\s*\((\d{1,2})\s*(?:[/,]?\s*[fmx])?\)"),
     # "her daughter Tilly, 12," / "his son Arlo, 9": a relative named, the age set off by commas
-    _rx(r"\b(?:daughters?|sons?|kids?|child|sisters?|brothers?|nieces?|nephews?|granddaughters?|grandsons?|step(?:daughter|son)s?|twins?)"
+    rx(r"\b(?:daughters?|sons?|kids?|child|sisters?|brothers?|nieces?|nephews?|granddaughters?|grandsons?|step(?:daughter|son)s?|twins?)"
         r"\s+(?:named\s+|called\s+)?[a-z][a-z'-]+,\s*(\d{1,2})\b(?!\s*(?:%|percent|years? ago))"),
-    _rx(r"(?<![\w.])(\d{1,2})\s*/\s*[fm]\b|\b[fm]\s*/\s*(\d{1,2})\b|\((\d{1,2})\s*[fm]\)"),
+    rx(r"(?<![\w.])(\d{1,2})\s*/\s*[fm]\b|\b[fm]\s*/\s*(\d{1,2})\b|\((\d{1,2})\s*[fm]\)"),
     # her 15th birthday, sweet 16
-    _rx(r"\b(\d{1,2})(?:st|nd|rd|th)\s+birthday\b"),
-    _rx(r"\bsweet (1[0-7])\b"),
+    rx(r"\b(\d{1,2})(?:st|nd|rd|th)\s+birthday\b"),
+    rx(r"\bsweet (1[0-7])\b"),
     # in 8th grade, an 8th grader, grade 8 student, in grade 8, year 9 pupil
-    _rx(r"\b(\d{1,2})(?:st|nd|rd|th)[\s-]*grade(?:rs?)?\b"),
-    _rx(r"\b(?:in|a|an|the)\s+grade\s*(\d{1,2})\b|\bgrade\s*(\d{1,2})\s+(?:students?|pupils?|girls?|boys?|kids?|class\w*)\b"),
-    _rx(r"\byear\s*(\d{1,2})\s+(?:students?|pupils?|girls?|boys?|kids?|class(?:es|mates?)?|form)\b|\bin year (\d{1,2})\b(?=\s+(?:at|of|in)\s+(?:school|secondary|primary))"),
+    rx(r"\b(\d{1,2})(?:st|nd|rd|th)[\s-]*grade(?:rs?)?\b"),
+    rx(r"\b(?:in|a|an|the)\s+grade\s*(\d{1,2})\b|\bgrade\s*(\d{1,2})\s+(?:students?|pupils?|girls?|boys?|kids?|class\w*)\b"),
+    rx(r"\byear\s*(\d{1,2})\s+(?:students?|pupils?|girls?|boys?|kids?|class(?:es|mates?)?|form)\b|\bin year (\d{1,2})\b(?=\s+(?:at|of|in)\s+(?:school|secondary|primary))"),
 ]
 # The patterns above that read a school grade or year (grade N ~ age N + 5; UK year N ~ age
 # N + 4) rather than an age. Named, not indexed: an index list silently pointed at the wrong
@@ -170,7 +171,7 @@ _AGE_PATTERNS = [
 _GRADE_PATTERNS = frozenset(_AGE_PATTERNS[-3:])
 _UK_YEAR_PATTERN = _AGE_PATTERNS[-1]
 assert all("grade" in p.pattern or "year" in p.pattern for p in _GRADE_PATTERNS)
-_MINOR_PHRASES = _rx(
+_MINOR_PHRASES = rx(
     r"\b(?:children|child|child's|children's|kids?|kid's|kiddos?|kiddies?|minors?(?!\s+(?:" + _MINOR_NOUN_EXCLUSIONS + r")\b)"
     r"|underaged?|under[\s-]age|preteens?|pre-teens?|tweens?|toddlers?|infants?|prepubescent|pre-pubescent|pubescent"
     r"|juveniles?|youngsters?|schoolchild(?:ren)?|school[\s-]?age|schoolgirls?|schoolboys?|little (?:girls?|boys?)"
@@ -183,17 +184,17 @@ _MINOR_PHRASES = _rx(
     r"|(?:almost|nearly|not yet|not quite|soon to be|about to (?:turn|be)|turning|turns) 18\b"
     r"|age[\s-]?play(?:ing)?|age[\s-]regress\w*|agere(?:g|gression)?|little[\s-]?space|ddlg|mdlb|mdlg|ddlb|abdl|cgl)\b"
 )
-_TEEN = _rx(r"\b(?:teens?|teenage|teenagers?|teenaged|teeny|teenie|young teens?)\b")
-_EUPHEMISM = _rx(
+_TEEN = rx(r"\b(?:teens?|teenage|teenagers?|teenaged|teeny|teenie|young teens?)\b")
+_EUPHEMISM = rx(
     r"(?:['\"‘]cubs?['\"’]|\bcubs? (?:characters?|personas?|ocs?)\b)|\b(?:lol[il]s?|lolita|shotas?|pedo\w*|paedo\w*|pedophil\w*"
     r"|paedophil\w*|hebephil\w*|ephebophil\w*|chomo|(?:a|an|the|my|some|with|x)\s+(?:jk|jc|js)s?)\b"
 )
-_STANDALONE = _rx(
+_STANDALONE = rx(
     r"\b(?:lolicon|shotacon|toddlercon|csam|child porn\w*|kiddie porn\w*|pthc|jailbait|cp (?:content|pics?|images?|videos?|material|links?|collection|rp|roleplay|stories|story|stuff|fics?|trades?)"
     r"|child (?:sexual )?abuse (?:material|imagery|images|content)|(?:underage|under-age|minor) (?:porn\w*|nudes?|sex|erotica|smut)"
     r"|cheese ?pizza['\"’”]?\s+(?:stories|story|pics?|content|rp|roleplay|videos?|links?|stuff|trades?))\b"
 )
-_APPEARANCE = _rx(
+_APPEARANCE = rx(
     r"\b(?:(?:child|kid|little girl|little boy|childlike|child-like|kid-like|prepubescent|pre-pubescent|preteen|toddler|\d{1,2}-year-old)'?s?"
     r"\s+(?:body|bodies|form|appearance|vessel|shell|frame|figure|face|features|proportions)"
     r"|(?:body|form|appearance|vessel|shape|figure|looks) of (?:a |an )?(?:young |small |little |tiny )?(?:child|kid|little girl|little boy|toddler|preteen|minor|\d{1,2}[\s-]*(?:years?|yrs?)[\s-]*old)"
@@ -202,21 +203,21 @@ _APPEARANCE = _rx(
     r"(?:a |an )?(?:(?P<age>\d{1,2})(?![\d:])(?:\s*[-\s]?\s*(?:years?|yrs?)[\s-]*old|\s*yo)?|child|kid|minor|little (?:girl|boy)"
     r"|preteen|teen(?:ager)?|middle schooler|grade schooler|elementary schooler|schoolgirl|schoolboy|underage|prepubescent|young child))\b"
 )
-_ANCIENT = _rx(r"\b(?:ancient|immortal|eternal|ageless|centuries|millenni\w+|\d{3,}[\s-]*(?:years?|yrs?)[\s-]*old|thousand)\b")
-_ROMANTIC_ROLE = _rx(r"\W{0,3}\s*(?:\w+\s+)?['\"‘“]?(?:girlfriend|boyfriend|lover|crush|date|partner|wife|husband|bride|groom|mistress|sweetheart|fiancee?|love interest)")
-_PEER_ROLE = _rx(
+_ANCIENT = rx(r"\b(?:ancient|immortal|eternal|ageless|centuries|millenni\w+|\d{3,}[\s-]*(?:years?|yrs?)[\s-]*old|thousand)\b")
+_ROMANTIC_ROLE = rx(r"\W{0,3}\s*(?:\w+\s+)?['\"‘“]?(?:girlfriend|boyfriend|lover|crush|date|partner|wife|husband|bride|groom|mistress|sweetheart|fiancee?|love interest)")
+_PEER_ROLE = rx(
     r"\W{0,3}\s*(?:classmates?|neighbou?rs?|friends?|fans?|followers?|teammates?|students?|pupils?|babysitters?|campers?"
     r"|cousins?|roommates?|coworkers?|co-workers?|tutees?|players?|athletes?|cheerleaders?|character|persona|oc)\b"
 )
 # ... or said to be away: "ages 9 and 12, staying with their aunt this week".
-_ELSEWHERE_AFTER = _rx(
+_ELSEWHERE_AFTER = rx(
     r"^[\s,;:)(-]*(?:\w+[\s,]+){0,3}?(?:(?:are|is|were|was)\s+)?(?:staying|away|asleep|sleeping|at (?:school|camp|daycare|a sleepover|"
     r"(?:their|her|his) (?:grandparents?|grandma'?s?|grandpa'?s?|aunt'?s?|uncle'?s?|dad'?s?|mom'?s?|mum'?s?|father'?s?|mother'?s?|friend'?s?))"
     r"|with (?:their|her|his) (?:grandparents?|grandma|grandpa|aunt|uncle|dad|mom|mum|father|mother|other parent)|spending the (?:night|weekend|week)"
     r"|out of (?:the house|town)|upstairs|in bed|visiting)"
 )
 # Someone's own child, or a child who is elsewhere: not a party to the romance around them.
-_DEPENDENT_BEFORE = _rx(
+_DEPENDENT_BEFORE = rx(
     r"(?:\b(?:her|his|their|my|our|your|its)\s+(?:\w+[\s,(]+)?|\b(?!(?:she|he|it|that|who|there|what|here|where|this|everyone|someone|one)'s)\w+'s\s+(?:\w+\s+)?"
     r"|\b(?:while|after|once|when|before|until|as soon as)\s+(?:the|their|her|his|our|my|your)\s+(?:\w+\s+)?"
     r"|\b(?:mother|mom|mum|father|dad|parents?|single (?:mom|mum|dad|parent)|widow(?:er)?|nanny|babysitter|teacher|tutor|coach|pediatrician|doctor)"
@@ -228,7 +229,7 @@ _DEPENDENT_BEFORE = _rx(
 # ---------------------------------------------------------------------------------------------
 # Real people
 
-_REAL_CUE = _rx(
+_REAL_CUE = rx(
     r"\b(?:real|real[\s-]life|real[\s-]world|reallife|irl|actual|existing|living|identifiable|non-?fictional)[\s,]+(?:\w+[\s,]+){0,2}?"
     r"(?:person|people|human|humans|celebrit(?:y|ies)|celebs?|actors?|actress(?:es)?|singers?|musicians?|rappers?|pop ?stars?"
     r"|idols?|athletes?|footballers?|players?|politicians?|senators?|president|presidents|prime ministers?|royals?"
@@ -251,18 +252,18 @@ _NAME_WORK = (
 # ---------------------------------------------------------------------------------------------
 # Configurable categories
 
-_SV_CORE = _rx(
+_SV_CORE = rx(
     r"\b(?:rap(?:e|es|ed|ing|ist|ists)|non[\s-]?consensual|noncon|without (?:her|his|their|anyone's|someone's) consent"
     r"|sexual(?:ly)? assault\w*|sexual(?:ly)? abus\w*|sexual violence|forced (?:sex|intercourse|himself|herself|themselves) ?(?:on|upon)?"
     r"|assault\w* sexually|sexual(?:ly)? violat\w+|forced into (?:sex|sexual \w+|intercourse)|forces? (?:himself|herself|themselves) on|(?:sex|intercourse|sexual \w+) without (?:\w+ )?consent"
     r"|forces? (?:her|him|them|someone) (?:into|to have) sex|drug(?:s|ged|ging)? (?:her|him|them|someone|(?:a|an|the|his|her|their) (?:\w+ ){0,2}?\w+)\s+(?:and|to|so|before)\s+"
     r"(?:\w+\s+){0,3}(?:sex|rape|assault|molest|have their way))\w*"
 )
-_SV_SAFE = _rx(
+_SV_SAFE = rx(
     r"\b(?:survivors?|therap\w+|counsel\w*|hotlines?|support groups?|report(?:s|ed|ing)?|recover\w*|prevention|awareness|statistics"
     r"|investigat\w+|detectives?|trials?|courtroom|prosecut\w+|testif\w+|history (?:class|lesson)|news (?:report|article)|journalis\w+|legal advice)\b"
 )
-_REFUSAL = _rx(
+_REFUSAL = rx(
     r"\b(?:refus\w+|says no|said no|saying no|does not consent|doesn't consent|did not consent|didn't consent|unwilling\w*"
     r"|against (?:her|his|their) will|struggl\w+ to get away|begs? (?:him|her|them) to stop|tries to fight (?:him|her|them) off)\b"
 )
@@ -270,12 +271,12 @@ _ANIMALS = (
     r"(?:dogs?|puppy|puppies|horses?|pony|ponies|stallions?|mares?|goats?|sheep|pigs?|cows?|bulls?|donkeys?|mules?|animals?"
     r"|beasts?|livestock|farm animals?|cattle|dolphins?|cats?|kittens?|octopus|tentacle monster)"
 )
-_BESTIALITY = _rx(r"\b(?:bestiality|zoophil\w*|zoosex|zoo porn|animal porn\w*|beastiality)\b")
-_ANIMAL_PARTNER = _rx(
+_BESTIALITY = rx(r"\b(?:bestiality|zoophil\w*|zoosex|zoo porn|animal porn\w*|beastiality)\b")
+_ANIMAL_PARTNER = rx(
     r"\b(?:with|and|between|by|on|involving|featuring|about|of|starring|includes|including)\s+(?:a|an|the|his|her|their|my|your|some|two|several)?\s*(?:\w+\s+)?" + _ANIMALS
     + r"\b(?!-\w|\s*(?:like|ears?|tails?|girls?|boys?|m[ae]n|wom[ae]n|folks?|people|persons?|shifters?|kin|morphs?|hybrids?|costume|mask|onesie|print|plush)\b)"
 )
-_INSTRUCTION = _rx(
+_INSTRUCTION = rx(
     r"\b(?:how (?:to|do i|do you|can i|could i|would i|would you|does one|should i|they)|instructions?|step[\s-]by[\s-]step|steps to"
     r"|recipe (?:for|to)|guide (?:to|for|on)|tutorial|walk(?:s)? (?:me|us|the user|the reader|them) through|teach(?:es)? (?:me|us|the user|them)"
     r"|explain(?:s|ing)? (?:exactly |precisely |in detail )?how|detailed (?:method|process|steps|procedure|plan)|in detail how"
@@ -284,7 +285,7 @@ _INSTRUCTION = _rx(
     r"|(?:list|lists) the (?:materials|ingredients|reagents|precursors|steps)|where to (?:buy|get|find)"
     r"|(?:synthesis|production|manufacturing) (?:route|process|method|steps)|(?:directions|advice|plan) (?:for|on) how)\b"
 )
-_DANGEROUS = _rx(
+_DANGEROUS = rx(
     r"\b(?:meth(?:amphetamine)?|crystal meth|fentanyl|heroin|cocaine|crack cocaine|lsd|mdma|ghb|date[\s-]rape drugs?"
     r"|(?:pipe |nail |car |fertili[sz]er |dirty |letter |suicide )?bombs?|explosives?|ieds?|detonators?|napalm|thermite|tatp|c-?4"
     r"|nerve (?:agents?|gas)|sarin|vx|ricin|anthrax|botulinum|chemical weapons?|bio-?weapons?|biological weapons?|dirty bomb"
@@ -302,7 +303,7 @@ _DANGEROUS = _rx(
 # category only when a text mentions something a crime needs (a weapon, a drug, malware, a poison,
 # theft, fraud, ...); without the gate it flagged a captain explaining her ship's engines. Broad on
 # purpose: the gate only decides whether the adapter may block, the adapter's threshold still decides.
-_HARM = _rx(
+_HARM = rx(
     r"\b(?:bomb\w*|explosi\w+|detonat\w+|blast\w*|grenade\w*|ied|ieds|c-?4|semtex|tnt|dynamite|napalm|thermite|tatp|molotov\w*|incendiar\w+"
     r"|weapon\w*|gun|guns|gunpowder|firearm\w*|rifle\w*|pistol\w*|handgun\w*|shotgun\w*|ammo|ammunition|bullets?|silencer\w*|suppressor\w*"
     r"|full[\s-]?auto\w*|auto sears?|bump stocks?|ghost guns?|3d[\s-]print\w*|knife|knives|blade\w*|sword\w*|crossbow\w*"
@@ -325,7 +326,7 @@ _HARM = _rx(
     r"|acid\w*|bleach\w*|ammonia|dealer\w*|grow ops?)\b"
 )
 
-_PROTECTIVE = _rx(
+_PROTECTIVE = rx(
     r"\s*(?:\w+\s+){0,2}?(?:defend|protect|prevent|detect|recogni[sz]e|spot|avoid|report|recover|stay safe|identify|respond|survive"
     r"|safely dispose|secure|block|remove|clean up|treat|help (?:victims|survivors))"
 )

@@ -18,17 +18,14 @@ establishes (a minor or a real person, and a sexual or romantic turn, anywhere i
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from llmtune.moderation.adapter import ModerationAdapter
 from llmtune.moderation.conversation import ConversationState, PrefixCache, screened_text
+from llmtune.moderation.decision import Decision
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.facts import Evidence, TextFacts, extract_facts
 from llmtune.moderation.normalize import canonical
@@ -45,28 +42,6 @@ assert not set(GATES) & set(HARD_FLOOR)
 DEFAULT_SIGNAL_THRESHOLDS = {"sexual": 0.5, "minor": 0.9, "real_person": 0.9}
 TEXT_CACHE_SIZE = 16384
 
-
-
-@dataclass
-class Decision:
-    """The outcome of screening one text or conversation."""
-
-    allowed: bool
-    categories: list[str]  # blocked categories
-    scores: dict[str, float]  # adapter score per category (1.0/0.0 for rule-only policy categories)
-    layer: str  # "rules", "adapter", "conversation" or "none"
-    reasons: list[str] = field(default_factory=list)  # rule evidence and adapter scores, for quarantine notes
-    evidence: list[dict] = field(default_factory=list)  # the facts behind a block, with where they were found
-
-    def to_json(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "categories": list(self.categories), "scores": dict(self.scores),
-                "layer": self.layer, "evidence": list(self.evidence)}
-
-    def reason(self) -> str:
-        """One line for a quarantine file: what was blocked and why."""
-        if self.allowed:
-            return "allowed"
-        return f"blocked ({', '.join(self.categories)}) by {self.layer}: " + "; ".join(self.reasons)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,20 +332,6 @@ def _relocate(facts: TextFacts, where: str) -> TextFacts:
                      move(facts.years), set(facts.characters), set(facts.names))
 
 
-def merge_decisions(decisions: Iterable[Decision], categories: list[str]) -> Decision:
-    decisions = list(decisions)
-    blocked = [c for c in categories if any(c in d.categories for d in decisions)]
-    scores = {c: max(d.scores.get(c, 0.0) for d in decisions) for c in categories}
-    layers = {d.layer for d in decisions if not d.allowed}
-    layer = "rules" if "rules" in layers else "adapter" if layers else "none"
-    reasons: list[str] = []
-    evidence: list[dict] = []
-    for d in decisions:
-        reasons += [r for r in d.reasons if r not in reasons]
-        evidence += [e for e in d.evidence if e not in evidence]
-    return Decision(not blocked, blocked, scores, layer, reasons, evidence)
-
-
 # ---------------------------------------------------------------------------------------------
 # Cache
 
@@ -384,13 +345,3 @@ def load_screener(config: ModerationConfig | None = None) -> Screener:
     if key not in _CACHE:
         _CACHE[key] = Screener(config)
     return _CACHE[key]
-
-
-def configure_threads(num_threads: int | None = None) -> int:
-    """torch threads for screening: every core we may use unless told otherwise."""
-    import torch
-
-    n = num_threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
-    return n
-

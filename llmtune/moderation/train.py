@@ -21,27 +21,19 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from llmtune.config import Section as _Section
-from llmtune.config import apply_overrides
 from llmtune.console import console
-from llmtune.moderation.adapter import (
-    native_bf16,
-    CONFIG_NAME,
-    EMBEDDED_ENCODER,
-    ENCODER_HUB_ID,
-    HEAD_NAME,
-    TARGET_MODULES,
-    ModerationAdapter,
-    Tokenizer,
-    mean_pool,
-    resolve_encoder,
-)
+from llmtune.encoder import EMBEDDED_ENCODER, ENCODER_HUB_ID, mean_pool, resolve_encoder
+from llmtune.jsonl import json_objects
+from llmtune.moderation.adapter import CONFIG_NAME, HEAD_NAME, TARGET_MODULES, ModerationAdapter, Tokenizer, native_bf16
 from llmtune.moderation.bulk import PREFILTER_NAME, train_prefilter
-from llmtune.moderation.errors import ModerationError, json_objects
+from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.normalize import canonical
 from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, SIGNALS
+from llmtune.schema import MaxSteps, Output, RecipeFile, load_yaml_model
+from llmtune.schema import Section as _Section
+from llmtune.storage import file_sha256
 
 # Blocking heads, then signal heads, in logit order.
 HEADS: tuple[str, ...] = BUILTIN_CATEGORIES + SIGNALS
@@ -85,7 +77,7 @@ class LoraSection(_Section):
 
 class TrainingSection(_Section):
     epochs: float = Field(6.0, gt=0, description="Passes over the training split when max_steps is -1.")
-    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for `epochs`.")
+    max_steps: MaxSteps = Field(-1, description="Optimizer steps; -1 trains for `epochs`.")
     batch_size: int = Field(32, gt=0, description="Rows per step.")
     learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate of the LoRA weights.")
     head_learning_rate: float = Field(3e-3, gt=0, description="Peak learning rate of the classification head.")
@@ -101,7 +93,7 @@ class TrainingSection(_Section):
     )
     obfuscation: float = Field(0.15, ge=0.0, le=1.0, description="Chance of training on an obfuscated copy of a row (moderation/obfuscate.py), normalised as screening would.")
     max_pos_weight: float = Field(4.0, ge=1.0, description="Cap on the per-category positive weight sqrt(negatives/positives).")
-    seed: int = Field(0, description="Seed for LoRA init, data order and augmentation.")
+    seed: int = Field(0, ge=0, description="Seed for LoRA init, data order and augmentation.")
     num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; null uses every core.")
     logging_steps: int = Field(10, gt=0, description="Print the loss every N steps.")
 
@@ -134,55 +126,20 @@ class CalibrationSection(_Section):
         return v
 
 
-class OutputSection(_Section):
-    dir: str = Field("runs", description="Parent directory of run directories.")
-    name: str | None = Field(None, description="Run directory name; null uses the recipe's name. The adapter goes to <run>/adapter.")
+class ModerationRecipe(RecipeFile):
+    """recipes/moderation.yaml: the adapter goes to <output.dir>/<name>/adapter."""
 
-
-class ModerationRecipe(_Section):
-    name: str = Field(description="Recipe name; also the default run directory name.")
-    description: str | None = Field(None, description="One line on what this recipe is for.")
     encoder: EncoderSection = Field(default_factory=EncoderSection)
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
-    output: OutputSection = Field(default_factory=OutputSection)
-    source_path: Path | None = Field(None, exclude=True)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output.dir) / (self.output.name or self.name)
-
-    def resolve_path(self, path: str) -> Path:
-        """Absolute as is; else beside the recipe if it exists there; else relative to the working directory."""
-        p = Path(path).expanduser()
-        if not p.is_absolute() and self.source_path is not None and (self.source_path.parent / p).exists():
-            return (self.source_path.parent / p).resolve()
-        return p.resolve()
+    output: Output = Field(default_factory=Output)
 
 
 def load_moderation_recipe(path: str | Path, overrides: list[str] | None = None) -> ModerationRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise ModerationError(f"moderation recipe not found: {path} (the shipped one is recipes/moderation.yaml)")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ModerationError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ModerationError(f"{path}: a moderation recipe is a mapping of sections (encoder:, data:, lora:, ...)")
-    doc = apply_overrides(doc, overrides or [])
-    try:
-        recipe = ModerationRecipe.model_validate(doc)
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"])
-            lines.append(f"{path}: `{key}`: {e['msg']}")
-        raise ModerationError("\n".join(lines)) from None
-    recipe.source_path = path.resolve()
-    return recipe
+    return load_yaml_model(ModerationRecipe, path, "moderation recipe", ModerationError, overrides,
+                           hint="the shipped one is recipes/moderation.yaml")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +219,7 @@ def _conversation_rows(obj: dict, where: str) -> list[Row]:
 def read_rows(path: Path, limit: int | None = None) -> list[Row]:
     """Text rows and conversation rows; a bad row is an error naming file and line."""
     rows: list[Row] = []
-    for _, where, obj in json_objects(path, "moderation data file"):
+    for _, where, obj in json_objects(path, "moderation data file", ModerationError):
         if isinstance(obj.get("text"), str):
             rows.append(_text_row(obj, obj["text"], where))
         elif "messages" in obj:
@@ -332,10 +289,6 @@ def load_training_data(recipe: "ModerationRecipe") -> tuple[list[Row], list[Row]
     if d.max_train_rows:
         train = train[: d.max_train_rows]
     return train, cal, files + tame_files
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,13 +387,160 @@ def _train_prefilter(adapter, train_rows, train_text, cal_rows, cal_scores, thre
     return prefilter
 
 
-def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
+@dataclass
+class Targets:
+    """The training rows as the classifier sees them: normalised text, 0/1 targets per head, which
+    targets are known (a head learns only from rows that say), and BCE's positive weights."""
+
+    text: list[str]
+    targets: object  # torch.Tensor [rows, heads]
+    known: object  # torch.Tensor [rows, heads]
+    positives: object
+    negatives: object
+    pos_weight: object
+
+
+def training_targets(train_rows: list, heads: list[str], max_pos_weight: float) -> Targets:
+    import torch
+
+    text = [canonical(r.text) for r in train_rows]  # normalised exactly as screening normalises it
+    targets = torch.tensor([[r.targets[h] if r.targets.get(h) is not None else 0.0 for h in heads] for r in train_rows])
+    known = torch.tensor([[float(r.targets.get(h) is not None) for h in heads] for r in train_rows])
+    positives = (targets * known).sum(0)
+    negatives = ((1 - targets) * known).sum(0)
+    pos_weight = (negatives / positives.clamp(min=1)).sqrt().clamp(1.0, max_pos_weight)
+    return Targets(text, targets, known, positives, negatives, pos_weight)
+
+
+@dataclass
+class Classifier:
+    encoder_dir: Path
+    tokenizer: Tokenizer
+    model: object  # the PEFT-wrapped encoder
+    head: object  # torch.nn.Linear [hidden, heads]
+    lora_params: list
+
+
+def build_classifier(recipe: ModerationRecipe, n_heads: int) -> Classifier:
+    """The encoder with LoRA, and a fresh multi-label head."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
     from transformers import AutoModel
 
-    from llmtune.moderation.screener import configure_threads
+    encoder_dir = resolve_encoder(recipe.encoder.base)
+    tokenizer = Tokenizer(encoder_dir, recipe.encoder.max_length)
+    base = AutoModel.from_pretrained(str(encoder_dir), dtype=torch.float32)
+    lora = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                      target_modules=recipe.lora.target_modules, bias="none")
+    model = get_peft_model(base, lora)
+    head = torch.nn.Linear(base.config.hidden_size, n_heads)
+    torch.nn.init.normal_(head.weight, std=0.02)
+    torch.nn.init.zeros_(head.bias)
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    return Classifier(encoder_dir, tokenizer, model, head, lora_params)
+
+
+def fit(recipe: ModerationRecipe, clf: Classifier, train_rows: list, data: Targets, rng: random.Random,
+        metrics_path: Path) -> tuple[int, float]:
+    """The training loop, with a masked loss (a head learns only from rows that say what its target
+    is); returns (steps, seconds). Every `logging_steps` a line goes to metrics.jsonl."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t = recipe.training
+    model, head, tokenizer = clf.model, clf.head, clf.tokenizer
+    steps_per_epoch = math.ceil(len(train_rows) / t.batch_size)
+    total_steps = t.max_steps if t.max_steps > 0 else max(1, int(steps_per_epoch * t.epochs))
+    optimizer = torch.optim.AdamW(
+        [{"params": clf.lora_params, "lr": t.learning_rate}, {"params": head.parameters(), "lr": t.head_learning_rate}],
+        weight_decay=t.weight_decay,
+    )
+    warmup = int(total_steps * t.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    )
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=data.pos_weight, reduction="none")
+
+    model.train()
+    head.train()
+    bf16 = t.precision == "bfloat16" or (t.precision == "auto" and native_bf16())
+    lengths = [len(x) for x in tokenizer.truncated(data.text)]
+    console.print(f"  training in {'bfloat16 autocast (native on this CPU)' if bf16 else 'float32'}; batches grouped by length")
+    start = time.time()
+    order: list[int] = []
+    running = 0.0
+    with metrics_path.open("w", encoding="utf-8") as metrics, Progress(
+        "training", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=console,
+    ) as bar:
+        task = bar.add_task("train", total=total_steps, loss="")
+        for step in range(1, total_steps + 1):
+            if len(order) < t.batch_size:
+                order += _length_grouped(lengths, t.batch_size, rng)
+            batch, order = order[: t.batch_size], order[t.batch_size:]
+            texts = [augment(train_rows[i].text, data.text[i], rng, t) for i in batch]
+            windows = tokenizer.truncated(texts)
+            longest = max(len(w) for w in windows)
+            ids = torch.zeros((len(windows), longest), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, w in enumerate(windows):
+                ids[row, : len(w)] = torch.tensor(w)
+                mask[row, : len(w)] = 1
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # LoRA and head weights stay float32
+                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = head(torch.nn.functional.dropout(mean_pool(hidden.float(), mask), 0.1, training=True))
+            m = data.known[batch]
+            loss = (loss_fn(logits, data.targets[batch]) * m).sum() / m.sum().clamp(min=1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clf.lora_params + list(head.parameters()), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            running += loss.item()
+            if step % t.logging_steps == 0 or step == total_steps:
+                avg = running / (t.logging_steps if step % t.logging_steps == 0 else step % t.logging_steps)
+                running = 0.0
+                metrics.write(json.dumps({"step": step, "loss": round(avg, 5), "lr": scheduler.get_last_lr()[0]}) + "\n")
+                metrics.flush()
+                bar.update(task, loss=f"loss {avg:.4f}")
+            bar.advance(task)
+    return total_steps, time.time() - start
+
+
+def save_provisional(recipe: ModerationRecipe, clf: Classifier, heads: list[str], tmp: Path) -> dict:
+    """PEFT adapter (loads with PeftModel.from_pretrained), head, and a config with placeholder
+    thresholds, in `tmp`; returns the config to finish after calibration."""
+    from safetensors.torch import save_file
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    clf.model.save_pretrained(str(tmp))
+    # Name the hub id, not this machine's path, as the base (offline users pass the local MiniLM dir).
+    peft_cfg = json.loads((tmp / "adapter_config.json").read_text())
+    peft_cfg["base_model_name_or_path"] = ENCODER_HUB_ID
+    (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
+    head = clf.head
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(tmp / HEAD_NAME))
+    meta = {
+        "format_version": 2,
+        "encoder": recipe.encoder.base if recipe.encoder.base == EMBEDDED_ENCODER else str(clf.encoder_dir),
+        "encoder_hub_id": ENCODER_HUB_ID,
+        "categories": heads,
+        "hard_floor": list(HARD_FLOOR),
+        "signals": list(SIGNALS),
+        "thresholds": dict.fromkeys(BUILTIN_CATEGORIES, 0.5),
+        "signal_thresholds": dict.fromkeys(SIGNALS, 0.5),
+        "max_length": recipe.encoder.max_length,
+        "pooling": "mean",
+        "normalisation": "llmtune.moderation.normalize.canonical",
+    }
+    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
+    """Data, classifier, fit, save, calibrate, distil the bulk prefilter, freeze: in that order."""
+    import torch
+
+    from llmtune.distributed import configure_threads
 
     t = recipe.training
     threads = configure_threads(t.num_threads)
@@ -453,115 +553,26 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
 
     # 1. Data, normalised exactly as screening normalises it; a calibration slice held out.
     train_rows, cal_rows, files = load_training_data(recipe)
-    train_text = [canonical(r.text) for r in train_rows]
-    targets = torch.tensor([[r.targets[h] if r.targets.get(h) is not None else 0.0 for h in heads] for r in train_rows])
-    known = torch.tensor([[float(r.targets.get(h) is not None) for h in heads] for r in train_rows])
-    positives = (targets * known).sum(0)
-    negatives = ((1 - targets) * known).sum(0)
-    pos_weight = (negatives / positives.clamp(min=1)).sqrt().clamp(1.0, t.max_pos_weight)
+    data = training_targets(train_rows, heads, t.max_pos_weight)
     console.print(
-        f"moderation train: {len(train_rows)} texts ({int(((targets[:, :len(BUILTIN_CATEGORIES)]).sum(1) > 0).sum())} blocked) "
+        f"moderation train: {len(train_rows)} texts ({int(((data.targets[:, :len(BUILTIN_CATEGORIES)]).sum(1) > 0).sum())} blocked) "
         f"from {len(files)} files; calibration slice {len(cal_rows)}; {threads} threads"
     )
-    console.print("  positives/negatives per head: " + ", ".join(f"{h}={int(p)}/{int(n)}" for h, p, n in zip(heads, positives, negatives)))
+    console.print("  positives/negatives per head: "
+                  + ", ".join(f"{h}={int(p)}/{int(n)}" for h, p, n in zip(heads, data.positives, data.negatives)))
 
     # 2. Encoder + LoRA + head.
-    encoder_dir = resolve_encoder(recipe.encoder.base)
-    tokenizer = Tokenizer(encoder_dir, recipe.encoder.max_length)
-    base = AutoModel.from_pretrained(str(encoder_dir), dtype=torch.float32)
-    lora = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=recipe.lora.target_modules, bias="none")
-    model = get_peft_model(base, lora)
-    head = torch.nn.Linear(base.config.hidden_size, len(heads))
-    torch.nn.init.normal_(head.weight, std=0.02)
-    torch.nn.init.zeros_(head.bias)
-    lora_params = [p for p in model.parameters() if p.requires_grad]
-    n_lora = sum(p.numel() for p in lora_params)
-    console.print(f"  encoder {encoder_dir.name}: LoRA r={recipe.lora.rank} on {n_lora:,} params + head {head.weight.numel() + len(heads):,}")
+    clf = build_classifier(recipe, len(heads))
+    n_lora = sum(p.numel() for p in clf.lora_params)
+    console.print(f"  encoder {clf.encoder_dir.name}: LoRA r={recipe.lora.rank} on {n_lora:,} params "
+                  f"+ head {clf.head.weight.numel() + len(heads):,}")
 
-    steps_per_epoch = math.ceil(len(train_rows) / t.batch_size)
-    total_steps = t.max_steps if t.max_steps > 0 else max(1, int(steps_per_epoch * t.epochs))
-    optimizer = torch.optim.AdamW(
-        [{"params": lora_params, "lr": t.learning_rate}, {"params": head.parameters(), "lr": t.head_learning_rate}],
-        weight_decay=t.weight_decay,
-    )
-    warmup = int(total_steps * t.warmup_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total_steps - s) / max(1, total_steps - warmup))
-    )
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
+    # 3. Train.
+    total_steps, train_seconds = fit(recipe, clf, train_rows, data, rng, run_dir / "metrics.jsonl")
 
-    # 3. Train, with a masked loss (a head learns only from rows that say what its target is).
-    model.train()
-    head.train()
-    bf16 = t.precision == "bfloat16" or (t.precision == "auto" and native_bf16())
-    lengths = [len(x) for x in tokenizer.truncated(train_text)]
-    console.print(f"  training in {'bfloat16 autocast (native on this CPU)' if bf16 else 'float32'}; batches grouped by length")
-    start = time.time()
-    metrics = (run_dir / "metrics.jsonl").open("w", encoding="utf-8")
-    order: list[int] = []
-    running = 0.0
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress("training", BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
-                  console=console) as bar:
-        task = bar.add_task("train", total=total_steps, loss="")
-        for step in range(1, total_steps + 1):
-            if len(order) < t.batch_size:
-                order += _length_grouped(lengths, t.batch_size, rng)
-            batch, order = order[: t.batch_size], order[t.batch_size:]
-            texts = [augment(train_rows[i].text, train_text[i], rng, t) for i in batch]
-            windows = tokenizer.truncated(texts)
-            longest = max(len(w) for w in windows)
-            ids = torch.zeros((len(windows), longest), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, w in enumerate(windows):
-                ids[row, : len(w)] = torch.tensor(w)
-                mask[row, : len(w)] = 1
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # LoRA and head weights stay float32
-                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = head(torch.nn.functional.dropout(mean_pool(hidden.float(), mask), 0.1, training=True))
-            m = known[batch]
-            loss = (loss_fn(logits, targets[batch]) * m).sum() / m.sum().clamp(min=1)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(lora_params + list(head.parameters()), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            running += loss.item()
-            if step % t.logging_steps == 0 or step == total_steps:
-                avg = running / (t.logging_steps if step % t.logging_steps == 0 else step % t.logging_steps)
-                running = 0.0
-                metrics.write(json.dumps({"step": step, "loss": round(avg, 5), "lr": scheduler.get_last_lr()[0]}) + "\n")
-                metrics.flush()
-                bar.update(task, loss=f"loss {avg:.4f}")
-            bar.advance(task)
-    metrics.close()
-    train_seconds = time.time() - start
-
-    # 4. Save: PEFT adapter (loads with PeftModel.from_pretrained), head, provisional config.
+    # 4. Save: PEFT adapter, head, provisional config.
     tmp = run_dir / ".adapter-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    # Name the hub id, not this machine's path, as the base (offline users pass the local MiniLM dir).
-    peft_cfg = json.loads((tmp / "adapter_config.json").read_text())
-    peft_cfg["base_model_name_or_path"] = ENCODER_HUB_ID
-    (tmp / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(tmp / HEAD_NAME))
-    meta = {
-        "format_version": 2,
-        "encoder": recipe.encoder.base if recipe.encoder.base == EMBEDDED_ENCODER else str(encoder_dir),
-        "encoder_hub_id": ENCODER_HUB_ID,
-        "categories": heads,
-        "hard_floor": list(HARD_FLOOR),
-        "signals": list(SIGNALS),
-        "thresholds": dict.fromkeys(BUILTIN_CATEGORIES, 0.5),
-        "signal_thresholds": dict.fromkeys(SIGNALS, 0.5),
-        "max_length": recipe.encoder.max_length,
-        "pooling": "mean",
-        "normalisation": "llmtune.moderation.normalize.canonical",
-    }
-    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    meta = save_provisional(recipe, clf, heads, tmp)
 
     # 5. Calibrate on the held-out slice through the same fast path the screener uses, then freeze.
     adapter = ModerationAdapter(tmp, precision="float32")  # thresholds are calibrated in float32
@@ -571,14 +582,14 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     meta["signal_thresholds"] = {c: cal[c]["threshold"] for c in SIGNALS}
     meta["calibration"] = {"rows": len(cal_rows), "fraction": recipe.data.calibration_fraction, "per_head": cal}
     meta["training"] = {
-        "recipe": recipe.name, "files": {str(p): _sha256(p) for p in files}, "rows": len(train_rows),
+        "recipe": recipe.name, "files": {str(p): file_sha256(p)[:16] for p in files}, "rows": len(train_rows),
         "steps": total_steps, "batch_size": t.batch_size, "seed": t.seed, "lora_rank": recipe.lora.rank,
         "lora_alpha": recipe.lora.alpha, "seconds": round(train_seconds, 1),
     }
     # 6. The first stage for bulk screening (moderation/bulk.py), distilled from the classifier:
     #    its target is "the classifier might block this" (any blocking head at half its threshold or
     #    more, or a blocking label), and its threshold lets every such calibration text through.
-    prefilter = _train_prefilter(adapter, train_rows, train_text, cal_rows, cal_scores, meta["thresholds"])
+    prefilter = _train_prefilter(adapter, train_rows, data.text, cal_rows, cal_scores, meta["thresholds"])
     prefilter.save(tmp / PREFILTER_NAME)
     meta["prefilter"] = prefilter.meta
     (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))

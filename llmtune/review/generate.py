@@ -21,11 +21,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmtune.artifacts import PreparedData, RunDir, sample_prompts, trained_adapter
 from llmtune.config import Recipe, load_recipe
 from llmtune.console import console
-from llmtune.data.prepare import PreparedData
 from llmtune.generation import Generator, Sampling, held_back_conversations
 from llmtune.review.store import Item, ReviewError, ReviewStore
+from llmtune.storage import file_sha256
 
 BASE = "base"
 
@@ -61,19 +62,18 @@ def load_run(run_dir: Path, overrides: list[str] | None = None) -> Recipe:
 
 def prepared_data(recipe: Recipe) -> PreparedData:
     """The run's prepared data with its paths inside this run directory (prepared.json keeps the old cwd's)."""
-    path = recipe.run_dir / "data" / "prepared.json"
+    run = RunDir(recipe.run_dir)
+    path = run.prepared
     if not path.is_file():
         raise ReviewError(f"no prepared data in {path.parent}; run `llmtune prepare {recipe.run_dir / 'recipe.yaml'}` first")
     prepared = PreparedData.load(recipe.run_dir)
     for key in ("train_jsonl", "val_jsonl"):
-        setattr(prepared, key, recipe.run_dir / "data" / getattr(prepared, key).name)
+        setattr(prepared, key, run.data / getattr(prepared, key).name)
     return prepared
 
 
 def review_chats(recipe: Recipe, prepared: PreparedData) -> list[tuple[str, str, list[dict]]]:
     """(kind, source, chat) to judge; every chat ends with the user turn both sides answer."""
-    from llmtune.train.sft import sample_prompts
-
     chats = [("prompt", f"eval.prompts[{i}]", chat) for i, chat in enumerate(sample_prompts(recipe, prepared))]
     split = "val.jsonl" if prepared.counts["val"] else "train.jsonl"
     held = held_back_conversations(prepared.val_jsonl, prepared.train_jsonl, bool(prepared.counts["val"]),
@@ -91,22 +91,12 @@ def sampling_of(recipe: Recipe) -> Sampling:
                     r.seed if r.seed is not None else recipe.training.seed)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _side_identity(side: Side) -> dict:
     if not side.use_adapter:
         return {"base": side.recipe.model.base, "revision": side.recipe.model.revision}
-    from llmtune.train.sft import trained_adapter
-
     adapter = trained_adapter(side.recipe)
     weights = sorted(adapter.glob("adapter_model.*"))
-    return {"base": side.recipe.model.base, "adapter": {w.name: _file_sha256(w) for w in weights}}
+    return {"base": side.recipe.model.base, "adapter": {w.name: file_sha256(w) for w in weights}}
 
 
 def fingerprint(side_a: Side, side_b: Side, chats, sampling: Sampling) -> str:
@@ -120,7 +110,7 @@ def generate_side(side: Side, chats: list[list[dict]], sampling: Sampling) -> li
     from peft import PeftModel
 
     from llmtune.models import load_base_model, load_tokenizer, placement_for
-    from llmtune.train.sft import configure_threads, trained_adapter
+    from llmtune.distributed import configure_threads
 
     configure_threads(side.recipe.training.num_threads)
     adapter_dir = trained_adapter(side.recipe)

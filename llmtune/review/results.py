@@ -100,9 +100,9 @@ def plot_results(r: ReviewResults, out: Path) -> Path:
     """Verdict counts, and the win rate with its 95% interval against the 50% line."""
     from matplotlib.ticker import MaxNLocator
 
-    from llmtune.report import _pyplot
+    from llmtune.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (counts, rate) = plt.subplots(1, 2, figsize=(8, 3.2), gridspec_kw={"width_ratios": [3, 2]})
     labels = [f"{r.label_a} better", "tie", "both bad", f"{r.label_b} better"]
     values = [r.wins_a, r.ties, r.both_bad, r.wins_b]

@@ -8,6 +8,7 @@ for that pair. Assets are plain files in `llmtune/review/static/` (no CDN, no bu
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
@@ -46,21 +47,24 @@ def _verdict(choice: str, item: Item) -> str:
     return "run_a" if (choice == "left") == item.a_on_left else "run_b"
 
 
-def finish(review: Review) -> ReviewResults:
-    """results.json, results.png and RUN_A's report.md from the judgments so far."""
-    from llmtune.report import write_run_report
+OnResults = Callable[[ReviewResults], None]
 
+
+def finish(review: Review, on_results: OnResults | None = None) -> ReviewResults:
+    """results.json and results.png from the judgments so far; then `on_results` (the CLI passes
+    one that rewrites RUN_A's report.md: the report belongs to the top of the pipeline)."""
     results = write_results(review.store, review.directory)
-    write_run_report(review.recipe_a)
+    if on_results is not None:
+        on_results(results)
     return results
 
 
-def _report_on_exit(review: Review):
+def _report_on_exit(review: Review, on_results: OnResults | None):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         # Shutdown (Ctrl-C, SIGTERM): uvicorn re-raises the signal afterwards, so the results are written here.
-        results = finish(review)
+        results = finish(review, on_results)
         console.print(results.summary(), soft_wrap=True)
         console.print(f"results: {review.directory / 'results.json'}, {review.directory / 'results.png'}; "
                       f"report: {review.recipe_a.run_dir / 'report.md'}", soft_wrap=True)
@@ -68,10 +72,10 @@ def _report_on_exit(review: Review):
     return lifespan
 
 
-def create_app(review: Review) -> FastAPI:
+def create_app(review: Review, on_results: OnResults | None = None) -> FastAPI:
     store = review.store
     app = FastAPI(title="llmtune review", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=_report_on_exit(review))
+                  lifespan=_report_on_exit(review, on_results))
     # Only loopback names: a page elsewhere cannot reach this server through DNS rebinding.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=[LOOPBACK, "localhost"])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -110,13 +114,13 @@ def create_app(review: Review) -> FastAPI:
 
     @app.get("/api/results")
     def results() -> dict:
-        return finish(review).to_json()
+        return finish(review, on_results).to_json()
 
     @app.get("/results.png", include_in_schema=False)
     def results_png() -> FileResponse:
         png = review.directory / "results.png"
         if not png.exists():
-            finish(review)
+            finish(review, on_results)
         return FileResponse(png, headers={"Cache-Control": "no-store"})
 
     return app
@@ -135,7 +139,7 @@ def bind(port: int) -> socket.socket:
     return sock
 
 
-def serve_review(review: Review, port: int) -> None:
+def serve_review(review: Review, port: int, on_results: OnResults | None = None) -> None:
     """Serve until Ctrl-C (or SIGTERM); on the way out the app writes the results and the report."""
     import uvicorn
 
@@ -144,7 +148,7 @@ def serve_review(review: Review, port: int) -> None:
     p = review.store.progress()
     console.print(f"[bold]review page[/]: {url}  ({p['judged']} of {p['to_judge']} pairs judged; results: {url}results; "
                   "Ctrl-C to stop)", soft_wrap=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(review), log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(create_app(review, on_results), log_level="warning", access_log=False))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down

@@ -137,9 +137,9 @@ def run_chat(target: str, card: Path | None, key: str | None, model: str | None,
 
 def _run_system_prompt(run_dir: Path) -> str | None:
     """The persona the run was trained with (None for a model directory)."""
-    from llmtune.data.prepare import PreparedData
+    from llmtune.artifacts import PreparedData, RunDir
 
-    return PreparedData.load(run_dir).persona() if (run_dir / "data" / "prepared.json").exists() else None
+    return PreparedData.load(run_dir).persona() if RunDir(run_dir).prepared.exists() else None
 
 
 def _interactive(client, session) -> Iterable[str]:

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from llmtune.errors import LlmtuneError
 from llmtune.moderation.policy import ModerationConfig
+from llmtune.schema import Section, load_yaml_model
 
 
 class ServeConfigError(LlmtuneError):
     """The serve config file is unreadable or invalid."""
 
 
-class RateLimit(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class RateLimit(Section):
     requests_per_minute: int = Field(60, gt=0, description="Requests a key may start per minute, over time.")
     burst: int = Field(10, gt=0, description="Requests a key may make at once before the per-minute rate applies.")
 
 
-class WatermarkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class WatermarkConfig(Section):
     enabled: bool = Field(
         True, description="Watermark every reply while it is sampled (KGW green lists keyed by the deployment secret, "
         "made at the first serve and kept in `store`; $LLMTUNE_WATERMARK_SECRET overrides it). Off only by `false` here.")
@@ -31,9 +29,7 @@ class WatermarkConfig(BaseModel):
     p_value: float = Field(1e-3, gt=0, lt=1, description="`llmtune watermark detect` calls a text watermarked below this p-value.")
 
 
-class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="Gateway bind address; 0.0.0.0 to expose it. vLLM always binds loopback.")
     port: int = Field(8000, gt=0, lt=65536, description="Gateway port (the one chat apps use).")
     store: str = Field(
@@ -108,16 +104,7 @@ class ServeConfig(BaseModel):
 
 
 def load_serve_config(path: str | Path | None) -> ServeConfig:
+    """The gateway config file (None: every default), validated with file, line and key in errors."""
     if path is None:
         return ServeConfig()
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        return ServeConfig.model_validate(doc)
-    except OSError as exc:
-        raise ServeConfigError(f"cannot read serve config {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ServeConfigError(f"{path}: not valid YAML: {exc}") from None
-    except ValidationError as exc:
-        problems = "; ".join(f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in exc.errors())
-        raise ServeConfigError(f"{path}: {problems}") from None
+    return load_yaml_model(ServeConfig, path, "serve config", ServeConfigError)

@@ -29,6 +29,7 @@ and why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import time
@@ -539,25 +540,38 @@ class Gateway:
                                  headers=self.marking_headers)
 
     def _build(self) -> FastAPI:
+        """The app: lifespan, error shapes, limits and metrics, then the routes, one method each."""
+        docs = {} if self.cfg.openapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+        app = FastAPI(title="llmtune gateway", version="1", lifespan=self._lifespan, **docs)
+        self._error_handlers(app)
+        self._limits_and_metrics(app)
+        self._health_routes(app)
+        self._model_routes(app)
+        self._tokenize_routes(app)
+        self._completion_routes(app)
+        app.state.metrics = self.metrics
+        app.state.gateway = self
+        return app
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: FastAPI):
+        """The upstream client and the metrics port for the app's life; the screen pools after it."""
         cfg = self.cfg
+        self.client = httpx.AsyncClient(base_url=self.upstream, timeout=httpx.Timeout(cfg.upstream_timeout_s, connect=5))
+        metrics_server = None
+        if cfg.metrics_port:
+            from prometheus_client import start_http_server
 
-        async def lifespan(app: FastAPI):
-            self.client = httpx.AsyncClient(base_url=self.upstream, timeout=httpx.Timeout(cfg.upstream_timeout_s, connect=5))
-            metrics_server = None
-            if cfg.metrics_port:
-                from prometheus_client import start_http_server
+            metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
+        yield
+        await self.client.aclose()
+        self.pool.shutdown(wait=False)
+        self.state_pool.shutdown(wait=False)
+        if metrics_server is not None:
+            metrics_server.shutdown()
 
-                metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
-            yield
-            await self.client.aclose()
-            self.pool.shutdown(wait=False)
-            self.state_pool.shutdown(wait=False)
-            if metrics_server is not None:
-                metrics_server.shutdown()
-
-        docs = {} if cfg.openapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-        app = FastAPI(title="llmtune gateway", version="1", lifespan=lifespan, **docs)
-
+    def _error_handlers(self, app: FastAPI) -> None:
+        """Every error is an OpenAI-style JSON error object; a store or limiter that is down is a 503."""
         @app.exception_handler(StarletteHTTPException)
         async def http_errors(request: Request, exc: StarletteHTTPException):
             return error(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "invalid_request")
@@ -570,6 +584,10 @@ class Gateway:
         @app.exception_handler(Exception)
         async def unexpected(request: Request, exc: Exception):
             return error(500, f"internal error ({type(exc).__name__}); see the gateway log", "internal_error")
+
+    def _limits_and_metrics(self, app: FastAPI) -> None:
+        """Header and body size limits before anything is read; request counts and latency per route."""
+        cfg = self.cfg
 
         @app.middleware("http")
         async def size_and_metrics(request: Request, call_next):
@@ -588,6 +606,10 @@ class Gateway:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
             return response
 
+    def _health_routes(self, app: FastAPI) -> None:
+        """/health (the upstream's), and /metrics on the gateway port when configured (API key required)."""
+        cfg = self.cfg
+
         @app.get("/health")
         async def health():
             try:
@@ -605,6 +627,8 @@ class Gateway:
                     return denied
                 return PlainTextResponse(generate_latest(self.metrics.registry).decode(), media_type="text/plain; version=0.0.4")
 
+    def _model_routes(self, app: FastAPI) -> None:
+        """vLLM's model list as chat apps ask for it (OpenAI, SillyTavern's oobabooga probe)."""
         async def served_models(request: Request) -> tuple[list[dict] | None, JSONResponse | None]:
             """vLLM's model list for an authorised request, or the response that refuses it."""
             _, denied = await self.authorize(request)
@@ -636,6 +660,10 @@ class Gateway:
                 return refused
             ids = [m.get("id") for m in listed]
             return JSONResponse({"model_name": ids[0] if ids else "", "lora_names": ids[1:]})
+
+    def _tokenize_routes(self, app: FastAPI) -> None:
+        """Token counts for chat apps that count on the backend; nothing is generated, so nothing is screened."""
+        cfg = self.cfg
 
         @app.post("/tokenize")
         @app.post("/v1/tokenize")
@@ -672,6 +700,8 @@ class Gateway:
                 return JSONResponse({"length": data.get("count")})
             return JSONResponse({k: data[k] for k in ("count", "max_model_len") if k in data})
 
+    def _completion_routes(self, app: FastAPI) -> None:
+        """Chat and text completions: screened in, screened out (`completion`)."""
         @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": CHAT_REQUEST_SCHEMA}}}})
         async def chat_completions(request: Request):
@@ -683,10 +713,6 @@ class Gateway:
             "application/json": {"schema": COMPLETION_REQUEST_SCHEMA}}}})
         async def completions(request: Request):
             return await self.completion(request, chat=False)
-
-        app.state.metrics = self.metrics
-        app.state.gateway = self
-        return app
 
 
 def create_app(cfg: ServeConfig, upstream: str, screener, keys: Store, audit: AuditLog | None = None,

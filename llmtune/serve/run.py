@@ -25,35 +25,19 @@ class ServeRequest:
     target: Path
     config: ServeConfig
     adapters: dict[str, str] = field(default_factory=dict)
-    name: str | None = None
-    enforce_eager: bool = True
-    tensor_parallel_size: int = 1
-    max_model_len: int = 2048
-    dtype: str = "auto"
+    enforce_eager: bool = VLLMConfig.enforce_eager
+    tensor_parallel_size: int = VLLMConfig.tensor_parallel_size
+    max_model_len: int = VLLMConfig.max_model_len
 
 
 def vllm_config_for(req: ServeRequest) -> VLLMConfig:
     """What vLLM should load for a run directory or a model directory."""
-    from llmtune.config import load_recipe
-    from llmtune.models import device_type, resolve_base
+    from llmtune.artifacts import served_model
+    from llmtune.models import device_type
 
-    target = req.target
-    adapters = dict(req.adapters)
-    if (target / "recipe.yaml").exists():  # a run directory
-        recipe = load_recipe(target / "recipe.yaml")
-        name = req.name or recipe.name
-        if (target / "merged" / "config.json").exists():
-            model, served = str(target / "merged"), name
-        elif (target / "adapter" / "adapter_config.json").exists():
-            model, served = resolve_base(recipe.model.base, recipe.model.revision), f"{name}-base"
-            adapters.setdefault(name, str(target / "adapter"))
-        else:
-            raise LlmtuneError(f"{target} has neither merged/ nor adapter/; train (and merge) first")
-    elif (target / "config.json").exists():
-        model, served = str(target), req.name or target.name
-    else:
-        raise LlmtuneError(f"{target} is neither a run directory (recipe.yaml) nor a model directory (config.json)")
-    dtype = req.dtype if req.dtype != "auto" else ("float32" if device_type() == "cpu" else "auto")
+    served_by = served_model(req.target, adapters=req.adapters)
+    model, served, adapters = served_by.model, served_by.served_name, served_by.adapters
+    dtype = "float32" if device_type() == "cpu" else VLLMConfig.dtype
     rank = max([_adapter_rank(p) for p in adapters.values()] or [16])
     return VLLMConfig(model=model, served_name=served, adapters=adapters, max_lora_rank=rank, dtype=dtype,
                       enforce_eager=req.enforce_eager, tensor_parallel_size=req.tensor_parallel_size,
@@ -200,7 +184,8 @@ class GatewayThread:
 
         import uvicorn
 
-        from llmtune.serve.vllm_server import LOOPBACK, free_port
+        from llmtune.distributed import free_port
+        from llmtune.serve.vllm_server import LOOPBACK
 
         self.port = port or free_port()
         self.base_url = f"http://{LOOPBACK}:{self.port}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmtune.distributed import free_port
 from llmtune.errors import LlmtuneError
 
 LOOPBACK = "127.0.0.1"
@@ -36,25 +36,23 @@ def _die_with_parent() -> None:
         pass  # not Linux: the gateway's own shutdown stops vLLM
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+CPU_KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE: vLLM's KV cache on CPU
 
 
 @dataclass
 class VLLMConfig:
+    """What `llmtune serve` starts vLLM with; these defaults are the CLI's and ServeRequest's."""
+
     model: str
     served_name: str | None = None
     adapters: dict[str, str] = field(default_factory=dict)  # name -> PEFT adapter dir
     max_lora_rank: int = 16
     port: int = 0  # 0 = pick a free loopback port
-    dtype: str = "auto"  # float32 on CPU (see DESIGN.md: emulated bf16 is slow)
+    dtype: str = "auto"  # float32 on CPU: bf16 without native CPU support runs emulated, far slower
     enforce_eager: bool = True  # CPU: ~30 s to ready instead of ~3 min of compilation
     max_model_len: int = 2048
     tensor_parallel_size: int = 1
-    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # more vLLM flags (bench/gpu_check.py: --gpu-memory-utilization)
     # A random key only the gateway knows: vLLM answers nothing else (see vllm_guard).
     api_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     # Chat apps send the names plus every instruct sequence as stop strings (5 or more with a
@@ -89,7 +87,7 @@ class VLLMConfig:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(CPU_KV_CACHE_GIB), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                "VLLM_MAX_STOP_STRINGS": str(self.max_stop_strings)}
         if self.api_key:
             env.update(VLLM_API_KEY=self.api_key, LLMTUNE_VLLM_KEY=self.api_key)

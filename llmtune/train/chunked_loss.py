@@ -23,6 +23,8 @@ import types
 
 import torch
 
+from llmtune.distributed import fsdp_enabled
+
 # Elements of one [rows, vocab] logits block (fp32: 64 MiB); two such blocks exist at once.
 LOGITS_BLOCK_ELEMENTS = 2**24
 
@@ -107,7 +109,7 @@ def chunked_loss_unsupported(model) -> str | None:
             return f"the model rescales its logits ({scaling})"
     if getattr(config, "output_router_logits", False):
         return "mixture-of-experts router loss"
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if fsdp_enabled() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         return "FSDP / DeepSpeed shard the LM head"
     return None
 

@@ -24,7 +24,6 @@ ORPO and SimPO have no reference model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,14 +31,11 @@ from pathlib import Path
 
 from llmtune.config import Recipe
 from llmtune.console import console
-from llmtune.data.preference import PreparedPreference
-from llmtune.data.prepare import PreparedData
+from llmtune.artifacts import ADAPTER_MARKER, PreparedData, PreparedPreference, RunDir, adapter_origin
+from llmtune.distributed import configure_threads
 from llmtune.errors import LlmtuneError
 from llmtune.models import load_base_model, load_tokenizer, placement_for, resolve_base
 from llmtune.storage import ensure_writable
-
-MARKER = "llmtune.json"  # in adapter/ when the preference stage wrote it: what it holds and what came before
-
 
 @dataclass
 class PreferenceResult:
@@ -54,17 +50,11 @@ class PreferenceResult:
     train_seconds: float
 
 
-def adapter_origin(run_dir: Path) -> dict | None:
-    """What the preference stage recorded in adapter/ (None when adapter/ is the train stage's)."""
-    marker = run_dir / "adapter" / MARKER
-    return json.loads(marker.read_text()) if marker.exists() else None
-
-
 def sft_adapter_dir(recipe: Recipe) -> Path:
     """The SFT adapter the stage builds on: adapter/ as `train` wrote it, kept as sft_adapter/ once the
     preference stage has replaced adapter/ (so a second preference run starts from SFT again)."""
     run_dir = recipe.run_dir
-    adapter, kept = run_dir / "adapter", run_dir / "sft_adapter"
+    adapter, kept = RunDir(run_dir).adapter, RunDir(run_dir).sft_adapter
     if adapter_origin(run_dir) is None:
         if not (adapter / "adapter_config.json").exists():
             raise LlmtuneError(
@@ -173,13 +163,12 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     from datasets import load_from_disk
     from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
     from transformers import PrinterCallback
-    from transformers.integrations import TensorBoardCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    from llmtune.report import plot_preference_curve, read_metrics
-    from llmtune.train.callbacks import MetricsFile, RichProgress, SampleReplies
+    from llmtune.artifacts import read_metrics
+    from llmtune.plots import plot_preference_curve
     from llmtune.train.chunked_loss import chunk_rows_for, use_chunked_loss
-    from llmtune.train.sft import configure_threads, sample_prompts
+    from llmtune.train.sft import callbacks, trainer_arguments
 
     pcfg, tcfg = recipe.preference, recipe.training
     if pcfg is None:
@@ -190,8 +179,9 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
         raise LlmtuneError(f"the preference data in {prepared.data_dir} was prepared for method {prepared.method}, the "
                            f"recipe says {pcfg.method}; run `llmtune prepare {recipe.source_path}` again")
     sft_data = PreparedData.load(run_dir)
-    stage_dir = run_dir / "preference"
-    ckpt_dir, metrics_path = stage_dir / "checkpoints", stage_dir / "metrics.jsonl"
+    run = RunDir(run_dir)
+    stage_dir = run.preference
+    ckpt_dir, metrics_path = stage_dir / "checkpoints", run.preference_metrics
 
     last_ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if resume and last_ckpt is None:
@@ -250,51 +240,17 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     # 4. Trainer: TRL's, with the run's hyper-parameters.
     trainer_cls, config_cls = _trainer_classes(pcfg.method)
     args = config_cls(
-        output_dir=str(ckpt_dir),
-        max_steps=pcfg.max_steps,
-        num_train_epochs=pcfg.epochs,
-        per_device_train_batch_size=pcfg.micro_batch_size,
-        per_device_eval_batch_size=pcfg.micro_batch_size,
-        gradient_accumulation_steps=pcfg.gradient_accumulation_steps,
-        learning_rate=pcfg.learning_rate,
-        lr_scheduler_type=pcfg.lr_scheduler,
-        warmup_steps=pcfg.warmup_ratio,  # values < 1 are a ratio of total steps
-        weight_decay=tcfg.weight_decay,
-        max_grad_norm=tcfg.max_grad_norm,
-        optim=tcfg.optim,
-        gradient_checkpointing=checkpointing,
-        seed=tcfg.seed,
-        data_seed=tcfg.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
-        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        ddp_find_unused_parameters=False,
-        logging_steps=pcfg.logging_steps,
-        eval_strategy="steps" if val_ds is not None else "no",
-        eval_steps=pcfg.eval_steps,
-        save_strategy="steps",
-        save_steps=pcfg.save_steps,
-        save_total_limit=pcfg.save_total_limit,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **trainer_arguments(pcfg, tcfg, output_dir=ckpt_dir, device=device, dtype=dtype, checkpointing=checkpointing,
+                            has_val=val_ds is not None),
         remove_unused_columns=False,  # the rows hold exactly what the trainer reads, plus `length`
         # Pairs of similar length share a batch (less padding); KTO keeps TRL's order for its KL pairs.
         **({"train_sampling_strategy": "group_by_length"} if pcfg.method != "kto" else {}),
         **_method_args(recipe),
     )
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(run_dir / "tensorboard" / "preference")
-    callbacks = [
-        MetricsFile(metrics_path),
-        SampleReplies(tokenizer, sample_prompts(recipe, sft_data), recipe.eval.max_new_tokens, sft_data.end_of_turn,
-                      stage_dir / "samples.jsonl"),
-        RichProgress(label=pcfg.method),
-        tensorboard,
-    ]
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                          processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+                          callbacks=callbacks(recipe, sft_data, tokenizer, metrics_path, stage_dir / "samples.jsonl",
+                                              run.tensorboard / "preference", label=pcfg.method),
+                          peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
     if tcfg.chunked_loss and pcfg.method in ("dpo", "kto"):
         # Policy and reference log-probs of the reply tokens only, a block of rows at a time (TRL's CPU
@@ -326,8 +282,8 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
         final_eval = evals[-1] if at_end else trainer.evaluate()
 
     # 6. Adapters: the preference LoRA alone, and the run's adapter/ (atomic, with the training template).
-    pref_dir = stage_dir / "adapter"
-    adapter_dir = run_dir / "adapter"
+    pref_dir = run.preference_adapter
+    adapter_dir = run.adapter
     if trainer.args.should_save:
         peft_model = trainer.model
         staging = run_dir / ".preference-adapter-staging"
@@ -348,10 +304,10 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
                   "before": sft_dir.name if sft_dir is not None else None,
                   "preference_adapter": str(pref_dir.relative_to(run_dir)),
                   "combined": sft_dir is not None and peft_config is not None}
-        (staging / MARKER).write_text(json.dumps(marker, indent=2))
+        (staging / ADAPTER_MARKER).write_text(json.dumps(marker, indent=2))
         shutil.rmtree(adapter_dir, ignore_errors=True)
         staging.rename(adapter_dir)
-    curve = plot_preference_curve(read_metrics(metrics_path), run_dir / "preference_curve.png", pcfg.method)
+    curve = plot_preference_curve(read_metrics(metrics_path), run.preference_curve, pcfg.method)
     shown = {k.removeprefix("eval_"): v for k, v in final_eval.items()
              if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
     console.print(f"  trained {trainer.state.global_step} steps in {seconds:.0f}s"

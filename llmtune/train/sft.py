@@ -1,9 +1,10 @@
 """The train stage: LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer and PEFT.
 
 Entry point: `train(recipe, prepared=None, resume=False) -> TrainResult`. Read it top to
-bottom: pick device and dtype, load the base (4-bit for QLoRA), wrap it with LoRA, build
-the trainer on the pre-tokenized, pre-masked splits from `prepare`, train with atomic
-checkpoints, save the adapter and the loss curve.
+bottom: pick device and dtype, `load_model` (the base, 4-bit for QLoRA, wrapped with LoRA),
+build the trainer from `sft_config(recipe, ...)` and `callbacks` on the pre-tokenized,
+pre-masked splits from `prepare`, train with atomic checkpoints, `save_adapter` (and the loss
+curve).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from llmtune.console import console
 from llmtune.config import Recipe
-from llmtune.data.prepare import PreparedData
-from llmtune.distributed import DistributedError, RankGroup, join_group
+from llmtune.artifacts import PreparedData, RunDir, sample_prompts
+from llmtune.distributed import DistributedError, RankGroup, configure_threads, fsdp_enabled, join_group, local_world_size
 from llmtune.storage import ensure_writable
 from llmtune.models import load_base_model, load_tokenizer, placement_for, resolve_base
 
@@ -35,33 +36,6 @@ class TrainResult:
     train_seconds: float
 
 
-def trained_adapter(recipe: Recipe) -> Path:
-    """The run's adapter directory, or an error saying to train first (eval and merge need it)."""
-    from llmtune.errors import LlmtuneError
-
-    adapter_dir = recipe.run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise LlmtuneError(f"no trained adapter in {adapter_dir}; run the train stage first (llmtune train {recipe.source_path})")
-    return adapter_dir
-
-
-def sample_prompts(recipe: Recipe, prepared: PreparedData) -> list[list[dict]]:
-    """The recipe's fixed prompts as chats, behind the recipe's or the data's system prompt."""
-    system = recipe.eval.system_prompt if recipe.eval.system_prompt is not None else prepared.persona()
-    head = [{"role": "system", "content": system}] if system else []
-    return [head + [{"role": "user", "content": p}] for p in recipe.eval.prompts]
-
-
-def configure_threads(num_threads: int | None) -> int:
-    """Use every core: accelerate's launcher and some environments pin OMP_NUM_THREADS=1."""
-    import torch
-
-    # Ranks launched together on one machine share its cores.
-    n = num_threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(n)
-    return n
-
-
 def memory_for_training(device: str) -> int:
     """Bytes this process may plan for: the GPU's memory, or the machine's RAM shared among the
     processes on it (LOCAL_WORLD_SIZE under torchrun / accelerate). Totals, not what is free right
@@ -71,7 +45,7 @@ def memory_for_training(device: str) -> int:
     if device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return total // local_world_size()
 
 
 def resolve_checkpointing(recipe: Recipe, device: str, group: RankGroup | None = None) -> tuple[bool, str]:
@@ -188,25 +162,160 @@ def _make_trainer_class(base=None):
     return AtomicCheckpointSFTTrainer
 
 
+def trainer_arguments(section, training, *, output_dir: Path, device: str, dtype, checkpointing: bool,
+                      has_val: bool) -> dict:
+    """The TrainingArguments every llmtune trainer shares: steps, batches and schedule from `section`
+    (recipe.training, or recipe.preference for the preference stage), the optimizer and seed from
+    `training`, precision from the device and dtype train decided."""
+    import torch
+
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=section.max_steps,
+        num_train_epochs=section.epochs,
+        per_device_train_batch_size=section.micro_batch_size,
+        per_device_eval_batch_size=section.micro_batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        learning_rate=section.learning_rate,
+        lr_scheduler_type=section.lr_scheduler,
+        warmup_steps=section.warmup_ratio,  # transformers reads values < 1 as a ratio of total steps
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=training.optim,
+        gradient_checkpointing=checkpointing,
+        seed=training.seed,
+        data_seed=training.seed,
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        # NCCL needs GPUs; gloo runs DDP across CPU processes (set only when launched distributed).
+        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        logging_steps=section.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=section.eval_steps,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=section.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def sft_config(recipe: Recipe, *, output_dir: Path, device: str, dtype, checkpointing: bool, packing: bool,
+               has_val: bool):
+    """TRL's SFTConfig for `recipe`: a pure mapping of recipe keys (plus what train decided: device,
+    dtype, checkpointing, packing, whether there is a validation split) to trainer arguments."""
+    from trl import SFTConfig
+
+    tcfg = recipe.training
+    return SFTConfig(
+        **trainer_arguments(tcfg, tcfg, output_dir=output_dir, device=device, dtype=dtype, checkpointing=checkpointing,
+                            has_val=has_val),
+        max_length=recipe.data.max_seq_length,
+        packing=packing,
+        packing_strategy="bfd",
+        # Packing leaves no padding to save; otherwise similar lengths share a batch.
+        train_sampling_strategy="group_by_length" if tcfg.group_by_length and not packing else "random",
+        remove_unused_columns=True,
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: object  # the PEFT model, ready to train
+    tokenizer: object
+    packing: bool  # training.packing, unless this model cannot keep packed sequences apart
+    packed_attention: bool
+    checkpointing: bool
+    checkpointing_why: str
+
+
+def load_model(recipe: Recipe, prepared: PreparedData, where, group: RankGroup) -> LoadedModel:
+    """The base (4-bit NF4 for QLoRA) with the LoRA adapter, and the tokenizer with the template the
+    data was rendered with; packing and checkpointing decided for this model and machine."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from llmtune.train.packed_attention import use_packed_attention
+
+    cfg = recipe
+    tokenizer = load_tokenizer(resolve_base(cfg.model.base, cfg.model.revision), cfg.model.revision)
+    tokenizer.chat_template = prepared.chat_template
+    model = load_base_model(recipe, where)
+    model.config.use_cache = False  # a KV cache in training would also defeat packed-sequence masking
+    packing = cfg.training.packing
+    if packing and not packing_is_isolated(model):
+        console.print("[yellow]warning[/]: this model attends across packed sequences; training without packing")
+        packing = False
+    # Packed micro-batches arrive as one flattened row; attend within each conversation, not over all of it.
+    packed_attention = packing and use_packed_attention(model)
+    checkpointing, checkpointing_why = resolve_checkpointing(recipe, where.device, group)
+    if where.qlora and fsdp_enabled():
+        model.enable_input_require_grads()  # FSDP flattens same-dtype params: no fp32 upcast of norms/embeddings
+    elif where.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    return LoadedModel(model, tokenizer, packing, packed_attention, checkpointing, checkpointing_why)
+
+
+def callbacks(recipe: Recipe, prepared: PreparedData, tokenizer, metrics: Path, samples: Path, tensorboard_dir: Path,
+              label: str | None = None) -> list:
+    """metrics.jsonl, sample replies to the recipe's prompts at every eval, the progress bar, TensorBoard."""
+    from transformers.integrations import TensorBoardCallback
+
+    from llmtune.train.callbacks import MetricsFile, RichProgress, SampleReplies
+
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(tensorboard_dir)  # else it re-opens under checkpoints/runs/ after train
+    return [
+        MetricsFile(metrics),
+        SampleReplies(tokenizer, sample_prompts(recipe, prepared), recipe.eval.max_new_tokens, prepared.end_of_turn, samples),
+        RichProgress(**({"label": label} if label else {})),
+        tensorboard,
+    ]
+
+
+def save_adapter(trainer, tokenizer, run: RunDir) -> Path:
+    """adapter/ (atomic, loads with PeftModel.from_pretrained) with the tokenizer carrying the training
+    template, and the loss curve; on the rank that saves."""
+    from llmtune.artifacts import read_metrics
+    from llmtune.plots import plot_loss_curve
+
+    if trainer.args.should_save:
+        staging = run.root / ".adapter-staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(run.adapter, ignore_errors=True)
+        staging.rename(run.adapter)
+        plot_loss_curve(read_metrics(run.metrics), run.loss_curve)
+    return run.adapter
+
+
 def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = False) -> TrainResult:
     import torch
     from datasets import load_from_disk
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import PrinterCallback
-    from transformers.integrations import TensorBoardCallback
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig
 
-    from llmtune.report import plot_loss_curve, read_metrics
-    from llmtune.train.callbacks import MetricsFile, RichProgress, SampleReplies
     from llmtune.train.chunked_loss import chunk_rows_for, use_chunked_loss
-    from llmtune.train.packed_attention import use_packed_attention
 
     run_dir = recipe.run_dir
+    run = RunDir(run_dir)
     prepared = prepared or PreparedData.load(run_dir)
     cfg, tcfg = recipe, recipe.training
-    ckpt_dir = run_dir / "checkpoints"
-    metrics_path = run_dir / "metrics.jsonl"
+    ckpt_dir = run.checkpoints
+    metrics_path = run.metrics
 
     # 1. Device, dtype, threads: fp32 on CPUs (no native bf16), bf16 on GPUs that have it. Launched on
     # several ranks: join them (the Trainer reuses the process group) and check they run one recipe.
@@ -229,36 +338,12 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
             console.print(f"starting fresh: removing earlier checkpoints in {ckpt_dir} (use --resume to continue from them)")
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
-        (run_dir / "samples.jsonl").unlink(missing_ok=True)
+        run.samples.unlink(missing_ok=True)
     group.barrier()
 
-    # 2. Base model (4-bit NF4 for QLoRA) and tokenizer with the template the data was rendered with.
-    tokenizer = load_tokenizer(resolve_base(cfg.model.base, cfg.model.revision), cfg.model.revision)
-    tokenizer.chat_template = prepared.chat_template
-    model = load_base_model(recipe, where)
-    model.config.use_cache = False  # a KV cache in training would also defeat packed-sequence masking
-    packing = tcfg.packing
-    if packing and not packing_is_isolated(model):
-        console.print("[yellow]warning[/]: this model attends across packed sequences; training without packing")
-        packing = False
-    # Packed micro-batches arrive as one flattened row; attend within each conversation, not over all of it.
-    packed_attention = packing and use_packed_attention(model)
-    checkpointing, checkpointing_why = resolve_checkpointing(recipe, device, group)
-    if qlora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        model.enable_input_require_grads()  # FSDP flattens same-dtype params: no fp32 upcast of norms/embeddings
-    elif qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-
-    # 3. LoRA adapter.
-    lora = LoraConfig(
-        r=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    # 2. Base model (4-bit NF4 for QLoRA) with the LoRA adapter, and the tokenizer.
+    loaded = load_model(recipe, prepared, where, group)
+    model, tokenizer, packing = loaded.model, loaded.tokenizer, loaded.packing
     trainable, total = model.get_nb_trainable_parameters()
     # Adapter + AdamW moments in fp32 per checkpoint, kept save_total_limit (+1 while rotating) times.
     ensure_writable(ckpt_dir, (tcfg.save_total_limit + 2) * trainable * 4 * 4 + 2**20, "checkpoints and the adapter")
@@ -270,73 +355,27 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
 
-    # 4. Data: already tokenized and masked by prepare (labels are -100 off the trained turns).
+    # 3. Data: already tokenized and masked by prepare (labels are -100 off the trained turns).
     train_ds = load_from_disk(str(prepared.train_tokenized))
     val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts["val"] else None
     console.print(
         f"  data: {len(train_ds)} train / {len(val_ds) if val_ds is not None else 0} val conversations, "
         f"longest {prepared.counts['max_tokens']} tokens, max_seq_length {cfg.data.max_seq_length}"
-        f"{', packed padding-free' if packing else ''}{', per-conversation attention' if packed_attention else ''}"
+        f"{', packed padding-free' if packing else ''}{', per-conversation attention' if loaded.packed_attention else ''}"
         f"{', length-grouped batches' if not packing and tcfg.group_by_length else ''}"
     )
-    console.print(f"  gradient checkpointing: {checkpointing_why}")
+    console.print(f"  gradient checkpointing: {loaded.checkpointing_why}")
 
-    # 5. Trainer.
-    args = SFTConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=tcfg.max_steps,
-        num_train_epochs=tcfg.epochs,
-        per_device_train_batch_size=tcfg.micro_batch_size,
-        per_device_eval_batch_size=tcfg.micro_batch_size,
-        gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
-        learning_rate=tcfg.learning_rate,
-        lr_scheduler_type=tcfg.lr_scheduler,
-        warmup_steps=tcfg.warmup_ratio,  # transformers reads values < 1 as a ratio of total steps
-        weight_decay=tcfg.weight_decay,
-        max_grad_norm=tcfg.max_grad_norm,
-        optim=tcfg.optim,
-        gradient_checkpointing=checkpointing,
-        seed=tcfg.seed,
-        data_seed=tcfg.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
-        # NCCL needs GPUs; gloo runs DDP across CPU processes (set only when launched distributed).
-        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        ddp_find_unused_parameters=False,
-        max_length=cfg.data.max_seq_length,
-        packing=packing,
-        packing_strategy="bfd",
-        # Packing leaves no padding to save; otherwise similar lengths share a batch.
-        train_sampling_strategy="group_by_length" if tcfg.group_by_length and not packing else "random",
-        logging_steps=tcfg.logging_steps,
-        eval_strategy="steps" if val_ds is not None else "no",
-        eval_steps=tcfg.eval_steps,
-        save_strategy="steps",
-        save_steps=tcfg.save_steps,
-        save_total_limit=tcfg.save_total_limit,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=True,
-    )
-    trainer_cls = _make_trainer_class()
-    prompts = sample_prompts(recipe, prepared)
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(run_dir / "tensorboard")  # else it re-opens under checkpoints/runs/ after train
-    callbacks = [
-        MetricsFile(metrics_path),
-        SampleReplies(tokenizer, prompts, cfg.eval.max_new_tokens, prepared.end_of_turn, run_dir / "samples.jsonl"),
-        RichProgress(),
-        tensorboard,
-    ]
-    trainer = trainer_cls(
+    # 4. Trainer: the recipe's arguments, atomic checkpoints, llmtune's callbacks.
+    args = sft_config(recipe, output_dir=ckpt_dir, device=device, dtype=dtype, checkpointing=loaded.checkpointing,
+                      packing=packing, has_val=val_ds is not None)
+    trainer = _make_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=callbacks(recipe, prepared, tokenizer, run.metrics, run.samples, run.tensorboard),
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the same numbers
     if tcfg.chunked_loss:
@@ -353,7 +392,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
             if p.requires_grad:
                 p.data = p.data.float()
 
-    # 6. Train (from the last complete checkpoint with --resume).
+    # 5. Train (from the last complete checkpoint with --resume).
     start = time.time()
     trainer.train(resume_from_checkpoint=last_ckpt if resume else None)
     seconds = time.time() - start
@@ -363,18 +402,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         at_end = evals and evals[-1]["step"] == trainer.state.global_step
         final_eval = evals[-1]["eval_loss"] if at_end else trainer.evaluate()["eval_loss"]
 
-    # 7. Adapter (atomic, loads with PeftModel.from_pretrained), tokenizer with the training template, plots.
-    adapter_dir = run_dir / "adapter"
-    if trainer.args.should_save:
-        staging = run_dir / ".adapter-staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        trainer.model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        staging.rename(adapter_dir)
-    curve = run_dir / "loss_curve.png"
-    if trainer.args.should_save:
-        plot_loss_curve(read_metrics(metrics_path), curve)
+    # 6. Save: the adapter and the loss curve; on several ranks, check they hold the same adapter.
+    adapter_dir = save_adapter(trainer, tokenizer, run)
     if group.distributed:
         check_ranks_in_sync(trainer, group, run_dir)
     console.print(
@@ -386,7 +415,7 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         run_dir=run_dir,
         adapter_dir=adapter_dir,
         metrics=metrics_path,
-        loss_curve=curve,
+        loss_curve=run.loss_curve,
         global_step=trainer.state.global_step,
         final_eval_loss=final_eval,
         train_seconds=seconds,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmtune.errors import LlmtuneError
+from llmtune.jsonl import json_objects
 from llmtune.watermark.scheme import Detection, WatermarkKey, detect_tokens
 
 
@@ -36,10 +37,9 @@ def served_tokenizer_path(target: Path) -> Path:
     if (target / "tokenizer.json").is_file():
         return target / "tokenizer.json"
     if (target / "recipe.yaml").exists():
-        from llmtune.serve.config import ServeConfig
-        from llmtune.serve.run import ServeRequest, vllm_config_for
+        from llmtune.artifacts import served_model
 
-        model = Path(vllm_config_for(ServeRequest(target, ServeConfig())).model)
+        model = Path(served_model(target).model)
         if (model / "tokenizer.json").is_file():
             return model / "tokenizer.json"
     raise DetectError(f"{target}: no tokenizer.json here; give the run or model directory `llmtune serve` serves")
@@ -66,19 +66,9 @@ def detect_file(req: DetectRequest, source: Path, out: Path) -> tuple[int, int]:
     """Write every row of `source` to `out` with `watermarked` and `p_value` added; returns (rows, watermarked)."""
     detector = Detector(req)
     rows, marked = [], 0
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise DetectError(f"cannot read {source}: {exc}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DetectError(f"{source}:{number}: not JSON ({exc.msg}); each line must be one JSON object") from None
-        if not isinstance(row, dict) or not isinstance(row.get(req.field), str):
-            raise DetectError(f"{source}:{number}: no string field `{req.field}`; name the text field with --field")
+    for _, where, row in json_objects(source, "--input", DetectError):
+        if not isinstance(row.get(req.field), str):
+            raise DetectError(f"{where}: no string field `{req.field}`; name the text field with --field")
         d = detector(row[req.field])
         rows.append({**row, "watermarked": d.watermarked, "p_value": d.p_value})
         marked += d.watermarked

@@ -107,6 +107,7 @@ def test_checkpoints_depend_only_on_the_text():
     assert cuts[-1] == len(text) and all(b > a for a, b in zip(cuts, cuts[1:]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_streamed_and_plain_replies_reach_the_same_decision(screener, seed):
     rng = random.Random(seed)

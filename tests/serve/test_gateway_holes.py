@@ -20,6 +20,8 @@ from llmtune.serve.store import open_store
 from llmtune.serve.run import GatewayThread, served_tokenizer
 from tests.conftest import REPO
 
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
 BLOCKED = "asks for a sexual scene with a 15-year-old"  # a description of a request, never content
 MINOR_CARD = {"role": "system", "content": "Ren (15) is the captain's apprentice aboard the Kestrel."}
 WITHHELD = "[reply withheld by the content policy]"
@@ -172,7 +174,7 @@ def test_8_docs_and_metrics_are_not_open(gw):
 
 
 def test_8_metrics_on_their_own_loopback_port(served, tmp_path):
-    from llmtune.serve.vllm_server import free_port
+    from llmtune.distributed import free_port
 
     keys = open_store(str(tmp_path / "llmtune.db"))
     port = free_port()

@@ -13,12 +13,15 @@ import time
 
 import httpx
 import psutil
+import pytest
 import yaml
 
+from llmtune.distributed import free_port
 from llmtune.serve.keys import AgeVerification
 from llmtune.serve.store import open_store
-from llmtune.serve.vllm_server import free_port
 from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def test_sigterm_finishes_streams_stops_vllm_and_exits(reply_run, tmp_path):

@@ -18,6 +18,8 @@ from llmtune.serve.store import open_store
 from llmtune.serve.run import GatewayThread, served_tokenizer
 from tests.conftest import REPO
 
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
 FIXTURES = REPO / "tests" / "fixtures" / "sillytavern"
 GENERATION = ["chat_custom", "chat_custom_stream", "text_vllm", "text_vllm_stream", "text_ooba", "text_aphrodite"]
 # Captured with non-default settings (Multiple swipes per generation = 2, i.e. n and best_of 2).

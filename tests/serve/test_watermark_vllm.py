@@ -17,11 +17,13 @@ import yaml
 
 from llmtune.serve.keys import AgeVerification
 from llmtune.serve.store import open_store
-from llmtune.serve.vllm_server import free_port
+from llmtune.distributed import free_port
 from llmtune.watermark.detect import DetectRequest, Detector
 from llmtune.watermark.scheme import SCHEME, WatermarkKey
 from llmtune.watermark.secret import SECRET_ENV, deployment_key
 from tests.conftest import REPO, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 MESSAGES = [{"role": "system", "content": "You are Mara, captain of the Kestrel."},
             {"role": "user", "content": "Tell me about the voyage north."}]
