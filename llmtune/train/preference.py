@@ -205,9 +205,9 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. Device, dtype, threads: the same choices as `train` (models.placement_for).
+    threads = configure_threads(tcfg.num_threads)
     where = placement_for(recipe)
     device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
-    threads = configure_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
 
     # 2. Base model and tokenizer with the template the data was rendered with; the SFT adapter under it.
@@ -243,6 +243,8 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
         f"[bold]preference[/] ({pcfg.method}, beta {pcfg.beta}): {recipe.model.base} on {device} ({threads} threads), "
         f"{str(dtype).removeprefix('torch.')}{', QLoRA NF4 base' if qlora else ''}; {where_lora}; reference: {reference}"
     )
+    if where.precision:
+        console.print(f"  precision: {where.precision}")
     console.print(f"  data: {len(train_ds)} training rows from {c['train']} examples ({c['pairs']} pairs in all), "
                   f"{len(val_ds) if val_ds is not None else 0} held out; longest {c['max_tokens']} tokens; "
                   f"gradient checkpointing: {checkpointing_why}")
@@ -265,7 +267,7 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
         gradient_checkpointing=checkpointing,
         seed=tcfg.seed,
         data_seed=tcfg.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
+        bf16=(device == "cuda" and dtype == torch.bfloat16) or where.autocast == torch.bfloat16,  # CPU: autocast
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
@@ -302,7 +304,7 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
         why_not = use_chunked_loss(trainer.model)
         console.print(f"  log-probs: chunked over reply tokens ({chunk_rows_for(model.get_output_embeddings().weight.shape[0])} "
                       "rows per block)" if why_not is None else f"  log-probs: TRL's LM head (chunked loss off: {why_not})")
-    if qlora and compute_dtype == torch.float32:
+    if qlora and (compute_dtype == torch.float32 or where.autocast is not None):
         # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on CPUs that runs at a fraction of fp32.
         # An SFT adapter trained further gets its exact fp32 weights back from TRL's frozen `ref` copy of it.
         for name, p in trainer.model.named_parameters():

@@ -8,6 +8,7 @@ checkpoints, save the adapter and the loss curve.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -208,13 +209,16 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
 
-    # 1. Device, dtype, threads: fp32 on CPUs (no native bf16), bf16 on GPUs that have it. Launched on
-    # several ranks: join them (the Trainer reuses the process group) and check they run one recipe.
-    where = placement_for(recipe)
-    device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
-    group = join_group(cpu=device == "cpu")
-    group.check_recipe(recipe)
+    # 1. Device, dtype, threads: bf16 on GPUs that have it; on CPUs fp32 weights, with bf16 autocast where a
+    # per-machine probe measured it faster (models.placement_for, llmtune/hardware.py). Launched on several
+    # ranks: join them (the Trainer reuses the process group), check they run one recipe, take rank 0's precision.
     threads = configure_threads(tcfg.num_threads)
+    where = placement_for(recipe)
+    group = join_group(cpu=where.device == "cpu")
+    group.check_recipe(recipe)
+    if group.distributed:
+        where = dataclasses.replace(where, **group.gather({"autocast": where.autocast, "compute_dtype": where.compute_dtype, "precision": where.precision})[0])
+    device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
     torch.manual_seed(tcfg.seed)
 
     # Every rank resumes from the same complete checkpoint, and only rank 0 clears a fresh run's files.
@@ -280,6 +284,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         f"{', length-grouped batches' if not packing and tcfg.group_by_length else ''}"
     )
     console.print(f"  gradient checkpointing: {checkpointing_why}")
+    if where.precision:
+        console.print(f"  precision: {where.precision}")
 
     # 5. Trainer.
     args = SFTConfig(
@@ -298,7 +304,8 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         gradient_checkpointing=checkpointing,
         seed=tcfg.seed,
         data_seed=tcfg.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
+        # On a CPU, bf16=True is torch.autocast over fp32 weights (where.autocast, measured per machine).
+        bf16=(device == "cuda" and dtype == torch.bfloat16) or where.autocast == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
         # NCCL needs GPUs; gloo runs DDP across CPU processes (set only when launched distributed).
@@ -346,9 +353,9 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
             if why_not is None
             else f"  loss: TRL's LM-head loss (chunked loss off: {why_not})"
         )
-    if qlora and compute_dtype == torch.float32:
-        # TRL casts QLoRA adapter weights to bf16 (the paper's GPU recipe); on a CPU without
-        # native bf16 that runs emulated at a fraction of fp32 speed, so keep them fp32.
+    if qlora and (compute_dtype == torch.float32 or where.autocast is not None):
+        # TRL casts QLoRA adapter weights to bf16 (the paper's GPU recipe); on a CPU keep them fp32: in fp32
+        # compute bf16 would run at a fraction of the speed, and under autocast they are the fp32 master weights.
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
