@@ -14,7 +14,8 @@ with `data.mask=all`: both count loss-bearing, non-padding tokens the same way.
 llmtune runs with `training.autocast: auto` (the per-machine probe picks float32 or bf16
 autocast, llmtune/hardware.py); `--llmtune-autocast float32,bfloat16` runs it in each named
 precision instead (the bf16 run's held-out loss is then compared with the fp32 run's), and
-QLoRA (bitsandbytes NF4, the same precision rule) runs too unless `--no-qlora`.
+QLoRA (bitsandbytes NF4, `training.autocast: auto`) runs too unless `--no-qlora`. The probe's
+decision for this shape is printed first.
 
 Prints, for each run: loss-bearing tokens/s, peak RSS of the training process, model FLOPs
 utilisation against this machine's matmul rate *in the dtype that run used* (fp32 and bf16
@@ -197,9 +198,18 @@ def main() -> None:
         record(name, tokens, float(logged.group(1)) if logged else secs, rss,
                "float32" if "False" in TRL_SETTINGS[name] else "bfloat16")
 
+    # What `training.autocast: auto` picks for this bench's shape on this machine (the probe, or its cached answer).
+    from transformers import AutoConfig
+
+    from llmtune.hardware import probe_tokens, training_precision
+
+    decision = training_precision(AutoConfig.from_pretrained(model_dir), lora_rank=16, tokens=probe_tokens(4, 1024),
+                                  threads=cores, say=print)
+    print(f"training.autocast auto on this machine: {decision.label} ({decision.reason}"
+          f"{', cached' if decision.cached else ''})", flush=True)
     variants = [(f"llmtune {a}" if a != "auto" else "llmtune", a, "none") for a in args.llmtune_autocast.split(",")]
     if args.qlora:
-        variants.append(("llmtune QLoRA", variants[0][1], "nf4"))
+        variants.append(("llmtune QLoRA", "auto", "nf4"))
     for name, autocast, quant in variants:
         recipe = tmp / f"{name.replace(' ', '-')}.yaml"
         recipe.write_text(json.dumps({
@@ -262,6 +272,8 @@ def main() -> None:
         (out / "train_speed.json").write_text(json.dumps({
             "results": results, "strongest_baseline": strongest, "matmul_flops": peaks, "tokens": tokens,
             "conversations": len(rows), "load_average": {"start": load, "end": load_end},
+            "probe": {"autocast": decision.autocast, "reason": decision.reason, "fp32_seconds": decision.fp32_seconds,
+                      "bf16_seconds": decision.bf16_seconds},
             "llmtune_gradient_checkpointing": args.gradient_checkpointing}, indent=2))
         plot = plot_results(results, strongest, out / "train_speed.png",
                             f"SmolLM2-135M LoRA, {len(rows)} conversations / {tokens:,} tokens, {cores} cores, "

@@ -8,13 +8,15 @@ so `training_precision` times a forward + backward + AdamW step of a two-layer c
 model's own architecture (random weights, same widths, vocabulary scaled so the LM head keeps
 its share of the work, LoRA on every linear layer, several packed-batch lengths) in both, and
 picks bf16 only when it is clearly faster. The result is cached per machine, torch version,
-thread count and model shape (`LLMTUNE_CACHE/hardware/precision.json`).
+thread count and model shape (`LLMTUNE_CACHE/hardware/precision.json`), unless the machine was
+busy (load average above 1.25 per core) while it ran: then it decides this run only.
 
 On CUDA nothing is probed: bf16 where `torch.cuda.is_bf16_supported()`, else fp16 (model.dtype).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +30,9 @@ PROBE_VERSION = 1
 PROBE_LAYERS = 2
 # bf16 must beat fp32 by this factor: it also costs precision, and small gaps are timing noise.
 BF16_MARGIN = 1.10
+# A probe run while the load average exceeds this many runnable tasks per core decides only the current run.
+BUSY_LOAD = 1.25
+_DECIDED: dict[str, "PrecisionDecision"] = {}
 
 
 @dataclass(frozen=True)
@@ -200,13 +205,17 @@ def training_precision(
         return PrecisionDecision(None, "this CPU has no native bf16 (no AVX512-BF16 or AMX), so bf16 would be emulated")
     threads = threads or torch.get_num_threads()
     key = _probe_key(model_config, lora_rank, tokens, threads)
+    if key in _DECIDED:  # train, eval and merge in one process probe once
+        return _DECIDED[key]
     cached = _read_cache().get(key)
     if cached is not None:
         return PrecisionDecision(**{**cached, "cached": True})
     if say is not None:
         say(f"  precision probe: timing a {PROBE_LAYERS}-layer LoRA training step of this model's widths in float32 "
             f"and bf16 autocast ({threads} threads, packed rows up to {tokens} tokens; cached afterwards)")
+    load_before = os.getloadavg()[0]
     fp32, bf16 = time_training_steps(model_config, lora_rank=lora_rank, tokens=tokens)
+    busy = max(load_before, os.getloadavg()[0]) > BUSY_LOAD * (os.cpu_count() or 1)
     faster = fp32 / bf16
     flags = "/".join(cpu_bf16_flags()) or "native bf16"
     if faster >= BF16_MARGIN:
@@ -215,5 +224,8 @@ def training_precision(
     else:
         decision = PrecisionDecision(None, f"measured: bf16 autocast only {faster:.2f}x float32 on a LoRA step here "
                                            f"(needs {BF16_MARGIN:.2f}x), though the CPU has {flags}", fp32, bf16)
+    if busy:  # other work skews such timings: decide for this process, measure again next time
+        _DECIDED[key] = dataclasses.replace(decision, reason=decision.reason + " (machine busy: not cached)")
+        return _DECIDED[key]
     _write_cache(key, {k: v for k, v in asdict(decision).items() if k != "cached"})
     return decision

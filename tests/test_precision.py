@@ -26,6 +26,8 @@ def tiny_config():
 def own_cache(tmp_path, monkeypatch):
     """A cache of its own, so no test sees a decision another test (or this machine) cached."""
     monkeypatch.setattr(hardware, "_cache_path", lambda: tmp_path / "hardware" / "precision.json")
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine, unless a test says otherwise
+    monkeypatch.setattr(hardware, "_DECIDED", {})
 
 
 def decide(config, monkeypatch, fp32: float, bf16: float, native: bool = True):
@@ -58,6 +60,16 @@ def test_the_probe_is_cached_per_machine_and_shape(tiny_config, monkeypatch):
     assert again.cached and again.autocast == first.autocast and again.reason == first.reason and len(calls) == 1
     other_shape = hardware.training_precision(tiny_config, lora_rank=8, tokens=512)  # another batch shape: measured anew
     assert not other_shape.cached and len(calls) == 2
+
+
+def test_a_probe_on_a_busy_machine_is_not_cached(tiny_config, monkeypatch):
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    first, calls = decide(tiny_config, monkeypatch, fp32=1.0, bf16=0.5)
+    assert first.autocast == "bfloat16" and "not cached" in first.reason
+    assert hardware.training_precision(tiny_config, lora_rank=8, tokens=256) == first  # the same process: once
+    hardware._DECIDED.clear()  # a new process measures again
+    hardware.training_precision(tiny_config, lora_rank=8, tokens=256)
+    assert len(calls) == 2 and not hardware._cache_path().exists()
 
 
 def test_the_recipe_overrides_the_probe(tiny_config, monkeypatch):
