@@ -232,7 +232,7 @@ def main() -> None:
         runtime = next(h["train_runtime"] for h in metrics if "train_runtime" in h)
         trained = json.loads((run_dir / "data" / "prepared.json").read_text())["counts"]["trained_tokens"]
         precision = re.search(r"precision: (.*)", log.read_text())
-        dtype = "bfloat16" if precision and "bf16 autocast" in precision.group(1) else "float32"
+        dtype = "bfloat16" if precision and precision.group(1).startswith("bf16 autocast") else "float32"
         record(name, trained, runtime, rss, dtype, precision=precision.group(1).strip() if precision else None,
                heldout_loss=heldout_loss(model_dir, run_dir / "adapter", heldout))
         print(f"    precision: {results[name]['precision']}; held-out loss {results[name]['heldout_loss']:.4f}", flush=True)

@@ -212,7 +212,7 @@ def training_precision(
         return PrecisionDecision(**{**cached, "cached": True})
     if say is not None:
         say(f"  precision probe: timing a {PROBE_LAYERS}-layer LoRA training step of this model's widths in float32 "
-            f"and bf16 autocast ({threads} threads, packed rows up to {tokens} tokens; cached afterwards)")
+            f"and bf16 autocast ({threads} threads, packed rows up to {tokens} tokens; cached unless the machine is busy)")
     load_before = os.getloadavg()[0]
     fp32, bf16 = time_training_steps(model_config, lora_rank=lora_rank, tokens=tokens)
     busy = max(load_before, os.getloadavg()[0]) > BUSY_LOAD * (os.cpu_count() or 1)
