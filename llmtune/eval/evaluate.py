@@ -111,8 +111,9 @@ TABLE = [
 ]
 
 
-def eval_loss(model, dataset, batch_size: int = 8) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over every label that is not IGNORE_INDEX."""
+def eval_loss(model, dataset, batch_size: int = 8, autocast=None) -> tuple[float, int]:
+    """Token-weighted mean cross-entropy over every label that is not IGNORE_INDEX; under CPU autocast to
+    `autocast` (a torch dtype) when training ran that way (models.Placement.autocast)."""
     import torch
     import torch.nn.functional as F
 
@@ -131,7 +132,8 @@ def eval_loss(model, dataset, batch_size: int = 8) -> tuple[float, int]:
                 ids[j, : len(x)] = torch.tensor(x)
                 labels[j, : len(y)] = torch.tensor(y)
                 attn[j, : len(x)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits.float()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
             loss = F.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
@@ -142,9 +144,10 @@ def eval_loss(model, dataset, batch_size: int = 8) -> tuple[float, int]:
     return total / max(count, 1), count
 
 
-def pair_logps(model, dataset, batch_size: int = 4) -> list[tuple[float, int, float, int]]:
+def pair_logps(model, dataset, batch_size: int = 4, autocast=None) -> list[tuple[float, int, float, int]]:
     """(sum log p(chosen), chosen tokens, sum log p(rejected), rejected tokens) per held-out pair, each
-    reply scored after its prompt (the tokens prepare made: the run's template and masks)."""
+    reply scored after its prompt (the tokens prepare made: the run's template and masks); under CPU
+    autocast like `eval_loss`."""
     import torch
 
     model.eval()
@@ -160,7 +163,8 @@ def pair_logps(model, dataset, batch_size: int = 4) -> list[tuple[float, int, fl
             for j, (p, r) in enumerate(seqs):
                 ids[j, : len(p) + len(r)] = torch.tensor(p + r)
                 attn[j, : len(p) + len(r)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits.float()
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
             sums = []
             for j, (p, r) in enumerate(seqs):
@@ -271,8 +275,9 @@ def _persona_scores(convs, replayed, encoder) -> dict[str, float]:
     return out
 
 
-def _scores(model, tokenizer, val_ds, recipe, prepared, encoder, screener, stop_ids, markers) -> ModelScores:
-    loss, tokens = eval_loss(model, val_ds) if val_ds is not None else (float("nan"), 0)
+def _scores(model, tokenizer, val_ds, recipe, prepared, encoder, screener, stop_ids, markers, autocast=None) -> ModelScores:
+    # Scoring follows the training precision; generation (a token at a time) stays in the weights' dtype.
+    loss, tokens = eval_loss(model, val_ds, autocast=autocast) if val_ds is not None else (float("nan"), 0)
     cfg = recipe.eval
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, recipe.training.seed)
     generate = Generator(model, tokenizer, sampling, stop_ids)
@@ -306,7 +311,8 @@ def evaluate(recipe: Recipe) -> EvalResult:
     start = time.time()
 
     tokenizer = load_tokenizer(str(adapter_dir))  # carries the template used in training
-    model = load_base_model(recipe, placement_for(recipe))
+    where = placement_for(recipe)
+    model = load_base_model(recipe, where)
     val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts["val"] else None
     stop_ids = [tokenizer.convert_tokens_to_ids(prepared.end_of_turn)]
     seq = role_sequences(tokenizer, prepared.chat_template, prepared.end_of_turn)
@@ -317,20 +323,20 @@ def evaluate(recipe: Recipe) -> EvalResult:
 
     args = (tokenizer, val_ds, recipe, prepared, encoder, screener, stop_ids, markers)
     # Held-out pairs: each model's log-probs; the model before (SFT, else base) is the reference.
-    logps = {"base": pair_logps(model, pairs)} if pairs is not None else {}
-    base = _scores(model, *args) if recipe.eval.compare_base else None
+    logps = {"base": pair_logps(model, pairs, autocast=where.autocast)} if pairs is not None else {}
+    base = _scores(model, *args, autocast=where.autocast) if recipe.eval.compare_base else None
     sft = None
     if before_dir is not None:
         model = PeftModel.from_pretrained(model, str(before_dir), adapter_name="before")
-        logps["sft"] = pair_logps(model, pairs) if pairs is not None else None
-        sft = _scores(model, *args)
+        logps["sft"] = pair_logps(model, pairs, autocast=where.autocast) if pairs is not None else None
+        sft = _scores(model, *args, autocast=where.autocast)
         model.load_adapter(str(adapter_dir), adapter_name="after")
         model.set_adapter("after")
     else:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     if pairs is not None:
-        logps["after"] = pair_logps(model, pairs)
-    finetuned = _scores(model, *args)
+        logps["after"] = pair_logps(model, pairs, autocast=where.autocast)
+    finetuned = _scores(model, *args, autocast=where.autocast)
     if pairs is not None:
         reference = logps["sft"] if sft is not None else logps["base"]
         for scores, key in ((base, "base"), (sft, "sft"), (finetuned, "after")):

@@ -195,9 +195,9 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. Device, dtype, threads: the same choices as `train` (models.placement_for).
+    threads = configure_threads(tcfg.num_threads)
     where = placement_for(recipe)
     device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
-    threads = configure_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed)
 
     # 2. Base model and tokenizer with the template the data was rendered with; the SFT adapter under it.
@@ -233,6 +233,8 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
         f"[bold]preference[/] ({pcfg.method}, beta {pcfg.beta}): {recipe.model.base} on {device} ({threads} threads), "
         f"{str(dtype).removeprefix('torch.')}{', QLoRA NF4 base' if qlora else ''}; {where_lora}; reference: {reference}"
     )
+    if where.precision:
+        console.print(f"  precision: {where.precision}")
     console.print(f"  data: {len(train_ds)} training rows from {c['train']} examples ({c['pairs']} pairs in all), "
                   f"{len(val_ds) if val_ds is not None else 0} held out; longest {c['max_tokens']} tokens; "
                   f"gradient checkpointing: {checkpointing_why}")
@@ -241,7 +243,7 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     trainer_cls, config_cls = _trainer_classes(pcfg.method)
     args = config_cls(
         **trainer_arguments(pcfg, tcfg, output_dir=ckpt_dir, device=device, dtype=dtype, checkpointing=checkpointing,
-                            has_val=val_ds is not None),
+                            has_val=val_ds is not None, autocast=where.autocast),
         remove_unused_columns=False,  # the rows hold exactly what the trainer reads, plus `length`
         # Pairs of similar length share a batch (less padding); KTO keeps TRL's order for its KL pairs.
         **({"train_sampling_strategy": "group_by_length"} if pcfg.method != "kto" else {}),
@@ -258,7 +260,7 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
         why_not = use_chunked_loss(trainer.model)
         console.print(f"  log-probs: chunked over reply tokens ({chunk_rows_for(model.get_output_embeddings().weight.shape[0])} "
                       "rows per block)" if why_not is None else f"  log-probs: TRL's LM head (chunked loss off: {why_not})")
-    if qlora and compute_dtype == torch.float32:
+    if qlora and (compute_dtype == torch.float32 or where.autocast is not None):
         # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on CPUs that runs at a fraction of fp32.
         # An SFT adapter trained further gets its exact fp32 weights back from TRL's frozen `ref` copy of it.
         for name, p in trainer.model.named_parameters():

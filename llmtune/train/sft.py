@@ -9,6 +9,7 @@ curve).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -163,10 +164,11 @@ def _make_trainer_class(base=None):
 
 
 def trainer_arguments(section, training, *, output_dir: Path, device: str, dtype, checkpointing: bool,
-                      has_val: bool) -> dict:
+                      has_val: bool, autocast=None) -> dict:
     """The TrainingArguments every llmtune trainer shares: steps, batches and schedule from `section`
     (recipe.training, or recipe.preference for the preference stage), the optimizer and seed from
-    `training`, precision from the device and dtype train decided."""
+    `training`, precision from the device and dtype train decided (`autocast`: torch.bfloat16 where
+    llmtune.hardware measured bf16 autocast faster on this CPU, else None)."""
     import torch
 
     return dict(
@@ -185,7 +187,8 @@ def trainer_arguments(section, training, *, output_dir: Path, device: str, dtype
         gradient_checkpointing=checkpointing,
         seed=training.seed,
         data_seed=training.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
+        # On a CPU, bf16=True is torch.autocast over fp32 weights (autocast, measured per machine).
+        bf16=(device == "cuda" and dtype == torch.bfloat16) or autocast == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
         # NCCL needs GPUs; gloo runs DDP across CPU processes (set only when launched distributed).
@@ -204,7 +207,7 @@ def trainer_arguments(section, training, *, output_dir: Path, device: str, dtype
 
 
 def sft_config(recipe: Recipe, *, output_dir: Path, device: str, dtype, checkpointing: bool, packing: bool,
-               has_val: bool):
+               has_val: bool, autocast=None):
     """TRL's SFTConfig for `recipe`: a pure mapping of recipe keys (plus what train decided: device,
     dtype, checkpointing, packing, whether there is a validation split) to trainer arguments."""
     from trl import SFTConfig
@@ -212,7 +215,7 @@ def sft_config(recipe: Recipe, *, output_dir: Path, device: str, dtype, checkpoi
     tcfg = recipe.training
     return SFTConfig(
         **trainer_arguments(tcfg, tcfg, output_dir=output_dir, device=device, dtype=dtype, checkpointing=checkpointing,
-                            has_val=has_val),
+                            has_val=has_val, autocast=autocast),
         max_length=recipe.data.max_seq_length,
         packing=packing,
         packing_strategy="bfd",
@@ -317,13 +320,16 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
     ckpt_dir = run.checkpoints
     metrics_path = run.metrics
 
-    # 1. Device, dtype, threads: fp32 on CPUs (no native bf16), bf16 on GPUs that have it. Launched on
-    # several ranks: join them (the Trainer reuses the process group) and check they run one recipe.
-    where = placement_for(recipe)
-    device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
-    group = join_group(cpu=device == "cpu")
-    group.check_recipe(recipe)
+    # 1. Device, dtype, threads: bf16 on GPUs that have it; on CPUs fp32 weights, with bf16 autocast where a
+    # per-machine probe measured it faster (models.placement_for, llmtune/hardware.py). Launched on several
+    # ranks: join them (the Trainer reuses the process group), check they run one recipe, take rank 0's precision.
     threads = configure_threads(tcfg.num_threads)
+    where = placement_for(recipe)
+    group = join_group(cpu=where.device == "cpu")
+    group.check_recipe(recipe)
+    if group.distributed:
+        where = dataclasses.replace(where, **group.gather({"autocast": where.autocast, "compute_dtype": where.compute_dtype, "precision": where.precision})[0])
+    device, dtype, compute_dtype, qlora = where.device, where.dtype, where.compute_dtype, where.qlora
     torch.manual_seed(tcfg.seed)
 
     # Every rank resumes from the same complete checkpoint, and only rank 0 clears a fresh run's files.
@@ -365,10 +371,12 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
         f"{', length-grouped batches' if not packing and tcfg.group_by_length else ''}"
     )
     console.print(f"  gradient checkpointing: {loaded.checkpointing_why}")
+    if where.precision:
+        console.print(f"  precision: {where.precision}")
 
     # 4. Trainer: the recipe's arguments, atomic checkpoints, llmtune's callbacks.
     args = sft_config(recipe, output_dir=ckpt_dir, device=device, dtype=dtype, checkpointing=loaded.checkpointing,
-                      packing=packing, has_val=val_ds is not None)
+                      packing=packing, has_val=val_ds is not None, autocast=where.autocast)
     trainer = _make_trainer_class()(
         model=model,
         args=args,
@@ -385,9 +393,9 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
             if why_not is None
             else f"  loss: TRL's LM-head loss (chunked loss off: {why_not})"
         )
-    if qlora and compute_dtype == torch.float32:
-        # TRL casts QLoRA adapter weights to bf16 (the paper's GPU recipe); on a CPU without
-        # native bf16 that runs emulated at a fraction of fp32 speed, so keep them fp32.
+    if qlora and (compute_dtype == torch.float32 or where.autocast is not None):
+        # TRL casts QLoRA adapter weights to bf16 (the paper's GPU recipe); on a CPU keep them fp32: in fp32
+        # compute bf16 would run at a fraction of the speed, and under autocast they are the fp32 master weights.
         for p in trainer.model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
