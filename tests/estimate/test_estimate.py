@@ -400,7 +400,10 @@ def test_preference_estimate_bounds_a_measured_dpo_run(tmp_path):
     doc = {"name": "m", "stages": ["prepare", "preference"], "model": {"base": "embedded:tiny-random-llama"},
            "data": {"sources": [{"path": str(tmp_path / "c.jsonl")}], "max_seq_length": 128, "val_fraction": 0,
                     "dedup": "none"},
-           "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}, "training": {"gradient_checkpointing": False},
+           # float32 pinned: the estimate models fp32 CPU training, and `auto` would run the precision
+           # probe (a throwaway model of its own) inside the profiled region.
+           "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+           "training": {"gradient_checkpointing": False, "autocast": "float32"},
            "preference": {"start_from": "base", "sources": [{"path": str(tmp_path / "p.jsonl")}], "val_fraction": 0,
                           "max_steps": 2, "micro_batch_size": 2, "eval_steps": 1000, "save_steps": 1000},
            "eval": {"prompts": []}, "output": {"dir": str(tmp_path / "runs")}}
