@@ -27,19 +27,19 @@ def test_vllm_killed_mid_stream_then_restarted(merged_run, tmp_path):
     cfg = ServeConfig(store=str(tmp_path / "llmtune.db"), screen_window_chars=4)
     keys = open_store(cfg.store)
     key, _ = keys.add("adult", AgeVerification("id-document", "test", "2026-11-25"))
-    server = VLLMServer(VLLMConfig(model=str(run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=512),
+    server = VLLMServer(VLLMConfig(model=str(run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=2048),
                         log_path=tmp_path / "vllm.log")
     with VLLMSupervisor(server, backoff_s=1) as sup, GatewayThread(create_app(cfg, server.base_url, load_screener(), keys, upstream_key=server.cfg.api_key)) as gw:
         client = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
         stream = client.chat.completions.create(
-            model="mara", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
+            model="mara", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=1900,
             temperature=1.0, stream=True, extra_body={"ignore_eos": True})
         got_text, error = "", None
         try:
             for i, chunk in enumerate(stream):
                 if chunk.choices:
                     got_text += chunk.choices[0].delta.content or ""
-                if i == 2:
+                if i == 2:  # ~1,900 tokens ignore_eos: vLLM is still generating when this chunk arrives
                     os.killpg(server.proc.pid, signal.SIGKILL)
         except openai.APIError as exc:
             error = exc

@@ -108,7 +108,7 @@ def test_placement_follows_training_autocast(tmp_path, tiny_recipe, monkeypatch)
 def test_bf16_autocast_run_ends_within_two_percent_of_float32(tmp_path, tiny_recipe):
     """The same full-batch run in float32 and under bf16 autocast (fp32 master weights): the final eval loss,
     and the fp32 eval loss of the saved adapters, agree within 2%; the bf16 run really ran in bf16."""
-    from tests.test_train_speed_equivalence import run_losses, token_weighted_eval_loss
+    from tests.train.test_train_speed_equivalence import run_losses, token_weighted_eval_loss
 
     data = write_conversations(
         tmp_path / "chats.jsonl",
