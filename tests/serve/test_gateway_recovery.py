@@ -12,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from llmtune.moderation import load_screener
+from llmtune.moderation.policy import ModerationConfig
 from llmtune.serve.config import ServeConfig
 from llmtune.serve.gateway import create_app
 from llmtune.serve.keys import AgeVerification
@@ -29,11 +30,15 @@ def test_vllm_killed_mid_stream_then_restarted(merged_run, tmp_path):
     key, _ = keys.add("adult", AgeVerification("id-document", "test", "2026-11-25"))
     server = VLLMServer(VLLMConfig(model=str(run_dir / "merged"), served_name="mara", dtype="float32", max_model_len=2048),
                         log_path=tmp_path / "vllm.log")
-    with VLLMSupervisor(server, backoff_s=1) as sup, GatewayThread(create_app(cfg, server.base_url, load_screener(), keys, upstream_key=server.cfg.api_key)) as gw:
+    # The tiny model's temperature-1 tokens are gibberish, and the classifier has scored such a run of
+    # them 0.79 for illegal_instructions (CI, 2026-12-01): the reply was withheld before the kill and the
+    # test saw a policy stop instead of the upstream failure it is about. Only the hard floor screens here.
+    screener = load_screener(ModerationConfig(enabled=False))
+    with VLLMSupervisor(server, backoff_s=1) as sup, GatewayThread(create_app(cfg, server.base_url, screener, keys, upstream_key=server.cfg.api_key)) as gw:
         client = OpenAI(base_url=f"{gw.base_url}/v1", api_key=key, max_retries=0)
         stream = client.chat.completions.create(
             model="mara", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=1900,
-            temperature=1.0, stream=True, extra_body={"ignore_eos": True})
+            temperature=1.0, seed=0, stream=True, extra_body={"ignore_eos": True})
         got_text, error = "", None
         try:
             for i, chunk in enumerate(stream):
