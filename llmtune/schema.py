@@ -123,17 +123,26 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
 
 
 def section_model(root: type[BaseModel], path: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The pydantic model under `root` that owns the key at `path` (for suggestions)."""
+    """The pydantic model under `root` that owns the key at `path` (for suggestions). A
+    `dict[str, Model]` field takes one path part for the entry's name, then `Model`'s keys."""
     model: Any = root
-    for part in path[:-1]:
+    parts = list(path[:-1])
+    while parts:
+        part = parts.pop(0)
         if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
             continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return None
         ann = field.annotation
-        inner = getattr(ann, "__args__", None)
-        candidates = [ann, *(inner or [])]
+        inner = getattr(ann, "__args__", None) or ()
+        if getattr(ann, "__origin__", None) is dict and len(inner) == 2:
+            if not parts:
+                return None  # the key is an entry name, not a model field
+            parts.pop(0)
+            candidates = [inner[1]]
+        else:
+            candidates = [ann, *inner]
         nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if nxt is None:
             return None

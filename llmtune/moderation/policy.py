@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from llmtune.schema import Section
 
@@ -53,6 +53,49 @@ def policy_categories(policy_file: str | None) -> list[str]:
         return []
     except Exception:  # noqa: BLE001 - a YAML error is reported by the screener with its line
         return []
+
+
+class PolicyCategory(Section):
+    """A category a platform adds in its policy file: literal keywords and/or regular expressions."""
+
+    description: str = Field("", description="What the category blocks, for reports and the model card.")
+    keywords: list[str] = Field(default_factory=list, description="Literal phrases (matched on normalised text, whole words).")
+    patterns: list[str] = Field(default_factory=list, description="Python regular expressions (matched on normalised text).")
+    requires_sexual_context: bool = Field(False, description="Block only when the text also has a sexual context.")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for p in value:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"`{p}` is not a valid regular expression ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _has_rules(self) -> PolicyCategory:
+        if not self.keywords and not self.patterns:
+            raise ValueError("give at least one of keywords: or patterns:")
+        return self
+
+
+class PolicyFile(Section):
+    """A platform's policy YAML (`moderation.policy_file`): extra categories and real people's names."""
+
+    categories: dict[str, PolicyCategory] = Field(default_factory=dict, description="Platform categories by name (lower_snake_case).")
+    real_person_names: list[str] = Field(default_factory=list, description="Real people's names the floor blocks sexual content about.")
+    real_person_names_file: str | None = Field(None, description="A text file of more names (one per line, `#` comments), relative to the policy file.")
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        for name in value if isinstance(value, dict) else ():
+            if name in BUILTIN_CATEGORIES:
+                raise ValueError(f"`{name}` is built in; pick a new name for a platform category")
+            if not re.match(r"^[a-z][a-z0-9_]{1,47}$", str(name)):
+                raise ValueError(f"`{name}`: category names are lower_snake_case (a-z, 0-9, _; 2-48 characters)")
+        return value
 
 
 def _floor_error(key: str, what: str) -> ValueError:

@@ -18,7 +18,6 @@ establishes (a minor or a real person, and a sexual or romantic turn, anywhere i
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -29,8 +28,9 @@ from llmtune.moderation.decision import Decision
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.facts import Evidence, TextFacts, extract_facts
 from llmtune.moderation.normalize import canonical
-from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, SIGNALS, ModerationConfig
+from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, SIGNALS, ModerationConfig, PolicyFile
 from llmtune.moderation.rules import Analysis, PlatformCategory, RuleSet, read_name_list
+from llmtune.schema import load_yaml_model
 
 # Gates on the classifier for CONFIGURABLE categories only: its score blocks only when the gate
 # is open. The hard floor has none (the classifier's floor verdict always stands).
@@ -48,52 +48,21 @@ TEXT_CACHE_SIZE = 16384
 # Policy file
 
 
-def _policy_error(path: Path, msg: str) -> ModerationError:
-    return ModerationError(f"{path}: {msg} (see docs/moderation.md, 'Adding categories and names')")
+POLICY_HINT = "see docs/moderation.md, 'Adding categories and names'"
 
 
 def load_policy_file(path: Path) -> tuple[list[PlatformCategory], list[str]]:
-    """A platform's policy YAML: `categories:` (keywords/patterns) and `real_person_names(_file)`."""
-    import yaml
-
-    if not path.is_file():
-        raise ModerationError(f"moderation.policy_file: {path} does not exist; point it at a YAML policy file")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise _policy_error(path, f"not valid YAML: {exc}") from None
-    if not isinstance(doc, dict):
-        raise _policy_error(path, "a policy file is a mapping with `categories:` and/or `real_person_names:`")
-    unknown = set(doc) - {"categories", "real_person_names", "real_person_names_file"}
-    if unknown:
-        raise _policy_error(path, f"unknown key(s) {sorted(unknown)}; valid: categories, real_person_names, real_person_names_file")
-    cats = []
-    for name, spec in (doc.get("categories") or {}).items():
-        where = f"categories.{name}"
-        if name in BUILTIN_CATEGORIES:
-            raise _policy_error(path, f"{where}: `{name}` is built in; pick a new name for a platform category")
-        if not re.match(r"^[a-z][a-z0-9_]{1,47}$", str(name)):
-            raise _policy_error(path, f"{where}: category names are lower_snake_case")
-        if not isinstance(spec, dict):
-            raise _policy_error(path, f"{where}: expected a mapping with keywords: and/or patterns:")
-        extra = set(spec) - {"description", "keywords", "patterns", "requires_sexual_context"}
-        if extra:
-            raise _policy_error(path, f"{where}: unknown key(s) {sorted(extra)}; valid: description, keywords, patterns, requires_sexual_context")
-        keywords, patterns = spec.get("keywords") or [], spec.get("patterns") or []
-        if not keywords and not patterns:
-            raise _policy_error(path, f"{where}: give at least one of keywords: or patterns:")
-        for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise _policy_error(path, f"{where}.patterns: `{p}` is not a valid regular expression ({exc})") from None
-        cats.append(PlatformCategory(name, str(spec.get("description", "")), [str(k) for k in keywords],
-                                     [str(p) for p in patterns], bool(spec.get("requires_sexual_context", False))))
-    names = [str(n) for n in doc.get("real_person_names") or []]
-    if doc.get("real_person_names_file"):
-        names_file = (path.parent / str(doc["real_person_names_file"])).resolve()
+    """A platform's policy YAML (`PolicyFile`): its categories as rules, and its real people's names.
+    Read by the one config loader: a mistake names the file, the line and the key."""
+    policy = load_yaml_model(PolicyFile, path, "moderation policy file", ModerationError,
+                             hint=f"moderation.policy_file; {POLICY_HINT}")
+    cats = [PlatformCategory(name, c.description, c.keywords, c.patterns, c.requires_sexual_context)
+            for name, c in policy.categories.items()]
+    names = list(policy.real_person_names)
+    if policy.real_person_names_file:
+        names_file = (path.parent / policy.real_person_names_file).resolve()
         if not names_file.is_file():
-            raise _policy_error(path, f"real_person_names_file: {names_file} does not exist")
+            raise ModerationError(f"{path}: real_person_names_file: {names_file} does not exist ({POLICY_HINT})")
         names += read_name_list(names_file)
     return cats, names
 

@@ -161,8 +161,12 @@ def test_policy_file_adds_a_category_and_names(tmp_path):
 def test_policy_and_config_mistakes_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("categories:\n  gambling:\n    patterns: ['(unclosed']\n")
-    with pytest.raises(ModerationError, match=r"bad.yaml: categories.gambling.patterns"):
+    with pytest.raises(ModerationError, match=r"bad.yaml:3: `categories.gambling.patterns`: .*not a valid regular expression"):
         Screener(ModerationConfig(policy_file=str(bad)))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("categories:\n  gambling:\n    keywords: [casino]\n    pattern: ['bet']\n")
+    with pytest.raises(ModerationError, match=r"typo.yaml:4: unknown key `categories.gambling.pattern`; did you mean `patterns`"):
+        Screener(ModerationConfig(policy_file=str(typo)))
     clash = tmp_path / "clash.yaml"
     clash.write_text("categories:\n  minor_sexual:\n    keywords: [x]\n")
     with pytest.raises(ModerationError, match="built in"):
