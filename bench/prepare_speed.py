@@ -81,13 +81,13 @@ def main() -> None:
         reasons = Counter(json.loads(line)["reason"] for line in prepared.quarantine.read_text().splitlines()) \
             if prepared.quarantine.exists() else Counter()
     c = prepared.counts
-    print(f"prepared {c['read']:,} conversations in {seconds:.1f}s: {c['read'] / seconds:,.0f} conversations/s "
-          f"(kept {c['kept']:,}, quarantined {c['quarantined']:,}, duplicates {c['duplicates']:,}, "
-          f"truncated {c['truncated']:,}); {'cue-laden' if args.cues else 'cue-free'} target: under {target} s -> "
+    print(f"prepared {c.read:,} conversations in {seconds:.1f}s: {c.read / seconds:,.0f} conversations/s "
+          f"(kept {c.kept:,}, quarantined {c.quarantined:,}, duplicates {c.duplicates:,}, "
+          f"truncated {c.truncated:,}); {'cue-laden' if args.cues else 'cue-free'} target: under {target} s -> "
           f"{'met' if seconds < target else 'NOT met'}")
     print("quarantine reasons: " + (", ".join(f"{r} {k:,}" for r, k in reasons.most_common()) or "none"))
     print("phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in prepared.seconds.items())
-          + f"; moderation: {c['screened']:,} conversations screened, {c['screened_full']:,} took the full screen "
+          + f"; moderation: {c.screened:,} conversations screened, {c.screened_full:,} took the full screen "
           "(the rest: no rule or fact could block them and the classifier's first stage cleared every text)")
 
 

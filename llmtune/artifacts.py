@@ -175,13 +175,62 @@ class SourceCounts(Counts):
     pii_conversations: int = 0  # conversations that held any
 
 
+@dataclass
+class Totals:
+    """Totals over every source of one prepare; read = kept + quarantined + duplicates (+ sampled out)."""
+
+    read: int = 0
+    kept: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    truncated: int = 0  # cut at a turn boundary to fit data.max_seq_length
+    reshaped: int = 0  # turns merged or reordered to fit the chat template
+    screened: int = 0  # rows the moderation screen saw
+    moderation: dict[str, int] = field(default_factory=dict)  # rows quarantined by the screen, per category
+    train: int = 0  # rows in each split
+    val: int = 0
+    max_tokens: int = 0  # the longest row, in tokens
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Totals:
+        """From prepared.json; keys another llmtune version wrote and this one lacks are ignored."""
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class PreparedCounts(Totals):
+    """`PreparedData.counts`: what prepare did with the SFT sources, in all."""
+
+    sampled_out: int = 0
+    copies: int = 0
+    screened_full: int = 0  # of the screened, conversations with a cue, screened by rules and adapter
+    pii: dict[str, int] = field(default_factory=dict)
+    pii_conversations: int = 0
+    pii_mode: str = "redact"
+    train_tokens: int = 0
+    trained_tokens: int = 0  # the tokens that carry loss
+
+
+@dataclass
+class PreferenceCounts(Totals):
+    """`PreparedPreference.counts`: what prepare did with the preference sources, in all."""
+
+    pairs: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+    rejected_blocked: dict[str, int] = field(default_factory=dict)  # rejected replies dropped, per category
+    val_pairs: int = 0
+    train_rows: int = 0  # rows in the method's training shape
+
+
 def _save_json(obj, path: Path) -> None:
     d = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(obj).items()}
     path.write_text(json.dumps(d, indent=2, ensure_ascii=False))
 
 
-def _load_json(path: Path, paths: tuple[str, ...], source_type) -> dict:
+def _load_json(path: Path, paths: tuple[str, ...], source_type, counts_type: type[Totals]) -> dict:
     meta = json.loads(path.read_text())
+    meta["counts"] = counts_type.from_json(meta["counts"])
     meta["sources"] = [source_type(**s) for s in meta["sources"]]
     for key in paths:
         meta[key] = Path(meta[key])
@@ -201,15 +250,15 @@ class PreparedData:
     report: Path
     chat_template: str
     end_of_turn: str
-    counts: dict
+    counts: PreparedCounts
     sources: list[SourceCounts]
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, for benchmarks
 
     _PATHS = ("data_dir", "train_jsonl", "val_jsonl", "train_tokenized", "val_tokenized", "quarantine", "report")
 
     @classmethod
-    def load(cls, run_dir: Path) -> "PreparedData":
-        return cls(**_load_json(RunDir(run_dir).prepared, cls._PATHS, SourceCounts))
+    def load(cls, run_dir: Path) -> PreparedData:
+        return cls(**_load_json(RunDir(run_dir).prepared, cls._PATHS, SourceCounts, PreparedCounts))
 
     def persona(self) -> str | None:
         """The system turn of the first training conversation: the persona the run learned."""
@@ -234,20 +283,20 @@ class PreparedData:
     def fixed_conversations(self, limit: int = 4) -> list[list[dict]]:
         """A few of the run's own conversations (validation first): fixed inputs for merge's and
         export's checks."""
-        source = self.val_jsonl if self.counts["val"] else self.train_jsonl
+        source = self.val_jsonl if self.counts.val else self.train_jsonl
         return [json.loads(line)["messages"] for line in source.read_text(encoding="utf-8").splitlines()[:limit]]
 
     def save(self) -> None:
         _save_json(self, self.data_dir / "prepared.json")
 
 
-def reconciliation(c: dict) -> str:
+def reconciliation(c: Totals) -> str:
     """`read N = kept K + quarantined Q + duplicates D` (+ sampled out, + weighted copies when used)."""
-    text = f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}"
-    if c.get("sampled_out"):
-        text += f" + sampled out {c['sampled_out']}"
-    if c.get("copies"):
-        text += f"; {c['copies']} weighted copies added"
+    text = f"read {c.read} = kept {c.kept} + quarantined {c.quarantined} + duplicates {c.duplicates}"
+    if getattr(c, "sampled_out", 0):
+        text += f" + sampled out {c.sampled_out}"
+    if getattr(c, "copies", 0):
+        text += f"; {c.copies} weighted copies added"
     return text
 
 
@@ -271,35 +320,35 @@ class PreparedPreference:
     val_tokenized: Path
     val_pairs_tokenized: Path  # held-out pairs (any method): preference accuracy and reward margin
     quarantine: Path
-    counts: dict
+    counts: PreferenceCounts
     sources: list[PreferenceSourceCounts]
 
     _PATHS = ("data_dir", "train_jsonl", "val_jsonl", "train_tokenized", "val_tokenized", "val_pairs_tokenized",
               "quarantine")
 
     @classmethod
-    def load(cls, run_dir: Path) -> "PreparedPreference":
+    def load(cls, run_dir: Path) -> PreparedPreference:
         from llmtune.errors import DataError
 
         path = RunDir(run_dir).preference_prepared
         if not path.exists():
             raise DataError(f"no prepared preference data in {path.parent}; run `llmtune prepare` with a "
                             "`preference:` section in the recipe first")
-        return cls(**_load_json(path, cls._PATHS, PreferenceSourceCounts))
+        return cls(**_load_json(path, cls._PATHS, PreferenceSourceCounts, PreferenceCounts))
 
     def save(self) -> None:
         _save_json(self, self.data_dir / "prepared.json")
 
 
-def preference_reconciliation(c: dict) -> str:
-    return f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates {c['duplicates']}"
+def preference_reconciliation(c: PreferenceCounts) -> str:
+    return reconciliation(c)
 
 
 # ---------------------------------------------------------------------------------------------
 # train -> eval, merge, export, review, serve
 
 
-def trained_adapter(recipe: "Recipe") -> Path:
+def trained_adapter(recipe: Recipe) -> Path:
     """The run's adapter directory, or an error saying to train first (eval and merge need it)."""
     run = RunDir(recipe.run_dir)
     if not run.has_adapter():
@@ -313,7 +362,7 @@ def adapter_origin(run_dir: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def sample_prompts(recipe: "Recipe", prepared: PreparedData) -> list[list[dict]]:
+def sample_prompts(recipe: Recipe, prepared: PreparedData) -> list[list[dict]]:
     """The recipe's fixed prompts as chats, behind the recipe's or the data's system prompt."""
     system = recipe.eval.system_prompt if recipe.eval.system_prompt is not None else prepared.persona()
     head = [{"role": "system", "content": system}] if system else []
@@ -334,7 +383,7 @@ class ServedModel:
     model: str  # a model directory or hub id vLLM loads
     served_name: str
     adapters: dict[str, str]  # LoRA adapters by model name
-    recipe: "Recipe | None" = None
+    recipe: Recipe | None = None
 
 
 def served_model(target: Path, name: str | None = None, adapters: dict[str, str] | None = None) -> ServedModel:

@@ -27,7 +27,7 @@ def write_run_report(recipe) -> Path:
             "## Data",
             "",
             f"{reconciliation(c)}; "
-            f"{c['train']} train / {c['val']} validation conversations, {c['trained_tokens']:,} trained tokens. "
+            f"{c.train} train / {c.val} validation conversations, {c.trained_tokens:,} trained tokens. "
             "Details: [data/data_report.md](data/data_report.md).",
             "",
         ]
@@ -116,9 +116,9 @@ def preference_section(recipe) -> list[str]:
     lines = ["## Preference tuning", ""]
     if run.preference_prepared.exists():
         c = PreparedPreference.load(run.root).counts
-        dropped = sum(c["rejected_blocked"].values())
-        lines += [f"Data: {preference_reconciliation(c)}; {c['pairs']} pairs; {c['train']} train / {c['val']} held out "
-                  f"({c['val_pairs']} held-out pairs)" + (f"; {dropped} rejected replies dropped by moderation" if dropped else "")
+        dropped = sum(c.rejected_blocked.values())
+        lines += [f"Data: {preference_reconciliation(c)}; {c.pairs} pairs; {c.train} train / {c.val} held out "
+                  f"({c.val_pairs} held-out pairs)" + (f"; {dropped} rejected replies dropped by moderation" if dropped else "")
                   + ". Details: [data/data_report.md](data/data_report.md).", ""]
     p = recipe.preference
     if metrics and p is not None:

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 from rich.progress import track
 
-from llmtune.artifacts import PreferenceSourceCounts, PreparedPreference, RunDir, preference_reconciliation
+from llmtune.artifacts import (
+    PreferenceCounts,
+    PreferenceSourceCounts,
+    PreparedPreference,
+    RunDir,
+    preference_reconciliation,
+)
 from llmtune.config import Recipe
 from llmtune.console import console
 from llmtune.data.dedup import NearDuplicateIndex
@@ -329,13 +335,13 @@ def prepare_preference(recipe: Recipe, tokenizer, template: str) -> PreparedPref
     per = found.sources
     keys = ("read", "kept", "quarantined", "duplicates", "pairs", "desirable", "undesirable", "truncated", "reshaped",
             "screened")
-    counts: dict = {k: sum(getattr(s, k) for s in per) for k in keys}
+    totals: dict = {k: sum(getattr(s, k) for s in per) for k in keys}
     for k in ("rejected_blocked", "moderation"):
-        counts[k] = {c: sum(getattr(s, k).get(c, 0) for s in per) for c in sorted({c for s in per for c in getattr(s, k)})}
-    counts.update(train=len(splits["train"]), val=len(splits["val"]), val_pairs=len(val_pairs),
-                  train_rows=len(training_rows(pcfg.method, splits["train"])["prompt_ids"]),
-                  max_tokens=max(len(t.prompt_ids) + max(len(t.chosen_ids or []), len(t.rejected_ids or []))
-                                 for _, t in found.kept))
+        totals[k] = {c: sum(getattr(s, k).get(c, 0) for s in per) for c in sorted({c for s in per for c in getattr(s, k)})}
+    counts = PreferenceCounts(
+        **totals, train=len(splits["train"]), val=len(splits["val"]), val_pairs=len(val_pairs),
+        train_rows=len(training_rows(pcfg.method, splits["train"])["prompt_ids"]),
+        max_tokens=max(len(t.prompt_ids) + max(len(t.chosen_ids or []), len(t.rejected_ids or [])) for _, t in found.kept))
     prepared = PreparedPreference(
         data_dir=data_dir, method=pcfg.method, train_jsonl=data_dir / "train.jsonl", val_jsonl=data_dir / "val.jsonl",
         train_tokenized=data_dir / "tokenized" / "train", val_tokenized=data_dir / "tokenized" / "val",
@@ -349,17 +355,17 @@ def prepare_preference(recipe: Recipe, tokenizer, template: str) -> PreparedPref
 def report_section(p: PreparedPreference) -> list[str]:
     """The preference part of data_report.md."""
     c = p.counts
-    dropped = ", ".join(f"{k} {v}" for k, v in c["rejected_blocked"].items()) or "none"
-    blocked = ", ".join(f"{k} {v}" for k, v in c["moderation"].items()) or "none"
+    dropped = ", ".join(f"{k} {v}" for k, v in c.rejected_blocked.items()) or "none"
+    blocked = ", ".join(f"{k} {v}" for k, v in c.moderation.items()) or "none"
     lines = [
         "## Preference data",
         "",
-        f"Method `{p.method}`. {preference_reconciliation(c)}: {c['pairs']} pairs, {c['desirable']} desirable and "
-        f"{c['undesirable']} undesirable single rows; {c['truncated']} prompts truncated at a turn boundary, "
-        f"{c['reshaped']} reshaped to fit the chat template.",
-        f"Split: {c['train']} train / {c['val']} held-out examples ({c['val_pairs']} held-out pairs); "
-        f"{c['train_rows']} training rows; longest {c['max_tokens']} tokens.",
-        f"Moderation: {c['screened']} examples screened on both sides; quarantined (prompt + chosen blocked) per "
+        f"Method `{p.method}`. {preference_reconciliation(c)}: {c.pairs} pairs, {c.desirable} desirable and "
+        f"{c.undesirable} undesirable single rows; {c.truncated} prompts truncated at a turn boundary, "
+        f"{c.reshaped} reshaped to fit the chat template.",
+        f"Split: {c.train} train / {c.val} held-out examples ({c.val_pairs} held-out pairs); "
+        f"{c.train_rows} training rows; longest {c.max_tokens} tokens.",
+        f"Moderation: {c.screened} examples screened on both sides; quarantined (prompt + chosen blocked) per "
         f"category: {blocked}; rejected replies dropped from their pair: {dropped}.",
         "",
         "| source | origin | licence | read | kept | quarantined | duplicates | pairs | truncated | reasons |",
@@ -376,11 +382,11 @@ def report_section(p: PreparedPreference) -> list[str]:
 
 def _print_summary(p: PreparedPreference) -> None:
     c = p.counts
-    console.print(f"[bold]prepare[/] (preference, {p.method}): {preference_reconciliation(c)}; {c['pairs']} pairs; "
-                  f"train {c['train']} / held out {c['val']}"
-                  + (f"; rejected replies dropped by moderation: {sum(c['rejected_blocked'].values())}"
-                     if c["rejected_blocked"] else ""))
-    if c["quarantined"]:
+    console.print(f"[bold]prepare[/] (preference, {p.method}): {preference_reconciliation(c)}; {c.pairs} pairs; "
+                  f"train {c.train} / held out {c.val}"
+                  + (f"; rejected replies dropped by moderation: {sum(c.rejected_blocked.values())}"
+                     if c.rejected_blocked else ""))
+    if c.quarantined:
         console.print(f"  quarantined preference rows and reasons: {p.quarantine}")
     for s in p.sources:
         if not s.license:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from rich.progress import track
 
-from llmtune.artifacts import PreparedData, RunDir, SourceCounts, reconciliation
+from llmtune.artifacts import PreparedCounts, PreparedData, RunDir, SourceCounts, reconciliation
 from llmtune.console import console
 from llmtune.config import Recipe
 from llmtune.data.dedup import NearDuplicateIndex
@@ -439,28 +439,21 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
 
     quarantine = data_dir / "quarantine.jsonl"
     lengths = {s: [len(t.input_ids) for _, t in rows] for s, rows in kept.items()}
-    counts = {
-        "read": sum(s.read for s in per_source),
-        "kept": sum(s.kept for s in per_source),
-        "quarantined": sum(s.quarantined for s in per_source),
-        "duplicates": sum(s.duplicates for s in per_source),
-        "sampled_out": sum(s.sampled_out for s in per_source),
-        "copies": sum(s.copies for s in per_source),
-        "truncated": sum(s.truncated for s in per_source),
-        "reshaped": sum(s.reshaped for s in per_source),
-        "moderation": {k: sum(s.moderation.get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in s.moderation})},
-        "screened": sum(s.screened for s in per_source),
-        "screened_full": sum(s.screened_full for s in per_source),
-        "pii": {k: sum(s.pii.get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in s.pii})},
-        "pii_conversations": sum(s.pii_conversations for s in per_source),
-        "pii_mode": recipe.data.pii,
-        "train": len(kept["train"]),
-        "val": len(kept["val"]),
-        "train_tokens": sum(lengths["train"]),
-        "trained_tokens": sum(t.trained_tokens for _, t in kept["train"]),
-        "max_tokens": max(lengths["train"] + lengths["val"]),
-    }
-    if counts["read"] != counts["kept"] + counts["quarantined"] + counts["duplicates"] + counts["sampled_out"]:
+    def total(key: str) -> int:
+        return sum(getattr(s, key) for s in per_source)
+
+    def per_key(key: str) -> dict[str, int]:
+        return {k: sum(getattr(s, key).get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in getattr(s, key)})}
+
+    counts = PreparedCounts(
+        read=total("read"), kept=total("kept"), quarantined=total("quarantined"), duplicates=total("duplicates"),
+        sampled_out=total("sampled_out"), copies=total("copies"), truncated=total("truncated"), reshaped=total("reshaped"),
+        moderation=per_key("moderation"), screened=total("screened"), screened_full=total("screened_full"),
+        pii=per_key("pii"), pii_conversations=total("pii_conversations"), pii_mode=recipe.data.pii,
+        train=len(kept["train"]), val=len(kept["val"]), train_tokens=sum(lengths["train"]),
+        trained_tokens=sum(t.trained_tokens for _, t in kept["train"]), max_tokens=max(lengths["train"] + lengths["val"]),
+    )
+    if counts.read != counts.kept + counts.quarantined + counts.duplicates + counts.sampled_out:
         raise RuntimeError(f"bug: prepare's counts do not reconcile: {counts}")
 
     sample = kept["train"][0][1] if kept["train"] else kept["val"][0][1]
@@ -510,10 +503,10 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
     lines = [
         "# Data report",
         "",
-        f"{reconciliation(c)}; {c['truncated']} truncated at a turn boundary, "
-        f"{c['reshaped']} reshaped to fit the chat template.",
-        f"Split: {c['train']} train / {c['val']} validation conversations; "
-        f"{c['train_tokens']:,} train tokens, {c['trained_tokens']:,} of them carry loss; longest {c['max_tokens']} tokens.",
+        f"{reconciliation(c)}; {c.truncated} truncated at a turn boundary, "
+        f"{c.reshaped} reshaped to fit the chat template.",
+        f"Split: {c.train} train / {c.val} validation conversations; "
+        f"{c.train_tokens:,} train tokens, {c.trained_tokens:,} of them carry loss; longest {c.max_tokens} tokens.",
         "",
         "| source | origin | licence | read | kept | quarantined | duplicates | sampled out | copies | truncated | reasons |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -527,13 +520,13 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
         )
     lines += [
         "",
-        f"Moderation: {c['screened']} conversations screened ({c.get('screened_full', c['screened'])} had a cue for a rule or "
+        f"Moderation: {c.screened} conversations screened ({c.screened_full} had a cue for a rule or "
         "the adapter and went through both; the rest could only be allowed); blocked per category: "
-        + (", ".join(f"{k} {v}" for k, v in c["moderation"].items()) or "none") + " (in quarantine.jsonl as `moderation:...`).",
+        + (", ".join(f"{k} {v}" for k, v in c.moderation.items()) or "none") + " (in quarantine.jsonl as `moderation:...`).",
         "",
-        f"Personal data ({c.get('pii_mode', 'redact')}): {c.get('pii_conversations', 0)} conversations held some; "
-        + (", ".join(f"{k} {v}" for k, v in c.get("pii", {}).items()) or "none found")
-        + (" (replaced by placeholders such as [EMAIL])." if c.get("pii_mode", "redact") == "redact" else "."),
+        f"Personal data ({c.pii_mode}): {c.pii_conversations} conversations held some; "
+        + (", ".join(f"{k} {v}" for k, v in c.pii.items()) or "none found")
+        + (" (replaced by placeholders such as [EMAIL])." if c.pii_mode == "redact" else "."),
         "",
         f"End-of-turn token (trained, and the stop token when serving): `{prepared.end_of_turn}`",
         "",
@@ -552,10 +545,10 @@ def _write_report(prepared: PreparedData, lengths: dict[str, list[int]], sample:
 def _print_summary(p: PreparedData) -> None:
     c = p.counts
     console.print(
-        f"[bold]prepare[/]: {reconciliation(c)} ({c['truncated']} truncated); "
-        f"train {c['train']} / val {c['val']}; {c['trained_tokens']:,} trained tokens"
+        f"[bold]prepare[/]: {reconciliation(c)} ({c.truncated} truncated); "
+        f"train {c.train} / val {c.val}; {c.trained_tokens:,} trained tokens"
     )
-    if c["quarantined"]:
+    if c.quarantined:
         console.print(f"  quarantined rows and reasons: {p.quarantine}")
     for s in p.sources:
         if not s.license:

@@ -196,7 +196,7 @@ def _read_set(name: str, key: str) -> list[str]:
 
 def eval_conversations(prepared: PreparedData, limit: int) -> list[list[dict]]:
     """Held-back conversations (train when there is no validation split) to replay."""
-    return held_back_conversations(prepared.val_jsonl, prepared.train_jsonl, bool(prepared.counts["val"]), limit)
+    return held_back_conversations(prepared.val_jsonl, prepared.train_jsonl, bool(prepared.counts.val), limit)
 
 
 def replay(generate: Generator, conversations: list[list[dict]]) -> list[list[Generation]]:
@@ -313,7 +313,7 @@ def evaluate(recipe: Recipe) -> EvalResult:
     tokenizer = load_tokenizer(str(adapter_dir))  # carries the template used in training
     where = placement_for(recipe)
     model = load_base_model(recipe, where)
-    val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts["val"] else None
+    val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts.val else None
     stop_ids = [tokenizer.convert_tokens_to_ids(prepared.end_of_turn)]
     seq = role_sequences(tokenizer, prepared.chat_template, prepared.end_of_turn)
     markers = sorted({s.strip() for s in (seq.user_prefix, seq.assistant_prefix, seq.system_prefix, prepared.end_of_turn) if s.strip()})

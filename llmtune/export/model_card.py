@@ -57,10 +57,10 @@ def write_model_card(recipe: Recipe, merged_dir: Path, merge_result) -> Path:
             f"{s.read} | {s.kept} | {s.quarantined} | {s.duplicates} |"
         )
     c = prepared.counts
-    moderation = {"screened": c.get("screened", 0), **{f"blocked {k}": v for k, v in c.get("moderation", {}).items()}}
+    moderation = {"screened": c.screened, **{f"blocked {k}": v for k, v in c.moderation.items()}}
     lines += [
         "",
-        f"{c['train']} training / {c['val']} validation conversations; {c['trained_tokens']:,} trained tokens.",
+        f"{c.train} training / {c.val} validation conversations; {c.trained_tokens:,} trained tokens.",
         "",
         "Moderation of the training data: "
         + ", ".join(f"{k}: {v}" for k, v in moderation.items())

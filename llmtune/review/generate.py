@@ -75,8 +75,8 @@ def prepared_data(recipe: Recipe) -> PreparedData:
 def review_chats(recipe: Recipe, prepared: PreparedData) -> list[tuple[str, str, list[dict]]]:
     """(kind, source, chat) to judge; every chat ends with the user turn both sides answer."""
     chats = [("prompt", f"eval.prompts[{i}]", chat) for i, chat in enumerate(sample_prompts(recipe, prepared))]
-    split = "val.jsonl" if prepared.counts["val"] else "train.jsonl"
-    held = held_back_conversations(prepared.val_jsonl, prepared.train_jsonl, bool(prepared.counts["val"]),
+    split = "val.jsonl" if prepared.counts.val else "train.jsonl"
+    held = held_back_conversations(prepared.val_jsonl, prepared.train_jsonl, bool(prepared.counts.val),
                                    recipe.review.max_conversations)
     for line, messages in enumerate(held, start=1):
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)

@@ -227,7 +227,7 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
 
     # 3. Data: tokenized, masked and truncated by prepare.
     train_ds = load_from_disk(str(prepared.train_tokenized))
-    val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts["val"] else None
+    val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts.val else None
     c = prepared.counts
     console.print(
         f"[bold]preference[/] ({pcfg.method}, beta {pcfg.beta}): {recipe.model.base} on {device} ({threads} threads), "
@@ -235,8 +235,8 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     )
     if where.precision:
         console.print(f"  precision: {where.precision}")
-    console.print(f"  data: {len(train_ds)} training rows from {c['train']} examples ({c['pairs']} pairs in all), "
-                  f"{len(val_ds) if val_ds is not None else 0} held out; longest {c['max_tokens']} tokens; "
+    console.print(f"  data: {len(train_ds)} training rows from {c.train} examples ({c.pairs} pairs in all), "
+                  f"{len(val_ds) if val_ds is not None else 0} held out; longest {c.max_tokens} tokens; "
                   f"gradient checkpointing: {checkpointing_why}")
 
     # 4. Trainer: TRL's, with the run's hyper-parameters.

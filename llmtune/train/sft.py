@@ -363,10 +363,10 @@ def train(recipe: Recipe, prepared: PreparedData | None = None, resume: bool = F
 
     # 3. Data: already tokenized and masked by prepare (labels are -100 off the trained turns).
     train_ds = load_from_disk(str(prepared.train_tokenized))
-    val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts["val"] else None
+    val_ds = load_from_disk(str(prepared.val_tokenized)) if prepared.counts.val else None
     console.print(
         f"  data: {len(train_ds)} train / {len(val_ds) if val_ds is not None else 0} val conversations, "
-        f"longest {prepared.counts['max_tokens']} tokens, max_seq_length {cfg.data.max_seq_length}"
+        f"longest {prepared.counts.max_tokens} tokens, max_seq_length {cfg.data.max_seq_length}"
         f"{', packed padding-free' if packing else ''}{', per-conversation attention' if loaded.packed_attention else ''}"
         f"{', length-grouped batches' if not packing and tcfg.group_by_length else ''}"
     )

@@ -129,8 +129,8 @@ def test_prepare_counts_reconcile_and_quarantine_has_reasons(tmp_path, tiny_reci
     recipe = load_recipe(tiny_recipe(source=DATA / "bad_rows.jsonl", data={"val_fraction": 0.0}))
     p = prepare(recipe)
     c = p.counts
-    assert (c["read"], c["kept"], c["quarantined"], c["duplicates"]) == (10, 1, 8, 1)
-    assert c["read"] == c["kept"] + c["quarantined"] + c["duplicates"]
+    assert (c.read, c.kept, c.quarantined, c.duplicates) == (10, 1, 8, 1)
+    assert c.read == c.kept + c.quarantined + c.duplicates
     rows = [json.loads(l) for l in p.quarantine.read_text().splitlines()]
     assert len(rows) == 8
     assert {r["line"] for r in rows} == {1, 2, 3, 4, 5, 6, 7, 10}
@@ -167,7 +167,7 @@ def test_long_conversations_are_truncated_at_a_turn_boundary(tmp_path, tiny_reci
     convs.append([("user", long_turn * 3), ("assistant", "too long from the start")])
     path = write_conversations(tmp_path / "long.jsonl", convs)
     p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0, "max_seq_length": 60})))
-    assert p.counts["truncated"] == 1 and p.counts["kept"] == 1 and p.counts["quarantined"] == 1
+    assert p.counts.truncated == 1 and p.counts.kept == 1 and p.counts.quarantined == 1
     kept = json.loads(p.train_jsonl.read_text())
     assert kept["messages"][-1] == {"role": "assistant", "content": "short reply"}
     [rej] = [json.loads(l) for l in p.quarantine.read_text().splitlines()]
@@ -203,11 +203,11 @@ def test_near_duplicates_are_removed_and_recorded(tmp_path, tiny_recipe):
     ]
     path = write_conversations(tmp_path / "n.jsonl", convs)
     p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0})))
-    assert (p.counts["kept"], p.counts["duplicates"]) == (2, 1)
+    assert (p.counts.kept, p.counts.duplicates) == (2, 1)
     dup = json.loads((p.data_dir / "duplicates.jsonl").read_text())
     assert dup == {"source": str(path), "line": 2, "duplicate_of": f"{path}:1", "kind": "near"}
     p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0, "dedup": "exact"})))
-    assert (p.counts["kept"], p.counts["duplicates"]) == (3, 0)
+    assert (p.counts.kept, p.counts.duplicates) == (3, 0)
 
 
 STRICT = (
@@ -238,7 +238,7 @@ def test_prepare_counts_reshaped_conversations(tmp_path, tiny_recipe):
     template.write_text(STRICT)
     path = write_conversations(tmp_path / "c.jsonl", [[("user", "a b c"), ("user", "d e f"), ("assistant", "g h i")]])
     p = prepare(load_recipe(tiny_recipe(source=path, model={"chat_template": str(template)}, data={"val_fraction": 0.0})))
-    assert p.counts["reshaped"] == 1 and p.counts["kept"] == 1
+    assert p.counts.reshaped == 1 and p.counts.kept == 1
     assert json.loads(p.train_jsonl.read_text())["messages"][0]["role"] == "user"
 
 
@@ -273,8 +273,8 @@ def test_card_with_logs_and_weighted_sources_reconcile(tmp_path, tiny_recipe):
     assert (mara.read, mara.kept) == (80, 20) and mara.sampled_out + mara.quarantined == 60
     assert pippa.copies == pippa.kept == 5
     c = p.counts
-    assert c["read"] == c["kept"] + c["quarantined"] + c["duplicates"] + c["sampled_out"]
-    assert c["train"] == c["kept"] + c["copies"]
+    assert c.read == c.kept + c.quarantined + c.duplicates + c.sampled_out
+    assert c.train == c.kept + c.copies
     first = json.loads(p.train_jsonl.read_text().splitlines()[0])
     # The card is the system turn and its greeting the first assistant turn; creator notes never appear.
     rows = [json.loads(line) for line in p.train_jsonl.read_text().splitlines()]
@@ -296,8 +296,8 @@ def test_prepare_quarantines_a_blocked_row_with_its_category(tmp_path, tiny_reci
     ]
     path = write_conversations(tmp_path / "m.jsonl", convs)
     p = prepare(load_recipe(tiny_recipe(source=path, data={"val_fraction": 0.0}, moderation={"enabled": enabled})))
-    assert (p.counts["kept"], p.counts["quarantined"]) == (2, 1)
-    assert p.counts["moderation"] == {"minor_sexual": 1} and p.counts["screened"] == 3
+    assert (p.counts.kept, p.counts.quarantined) == (2, 1)
+    assert p.counts.moderation == {"minor_sexual": 1} and p.counts.screened == 3
     [row] = [json.loads(line) for line in p.quarantine.read_text().splitlines()]
     assert row["reason"] == "moderation:minor_sexual" and row["line"] == 1
     assert "minor_sexual" in p.report.read_text()
@@ -322,7 +322,7 @@ def test_worker_processes_give_the_same_result_as_one_process(tmp_path, tiny_rec
         return prep.prepare(recipe)
 
     one, many = run(10**9, "one"), run(1, "many")
-    assert one.counts == many.counts and one.counts["truncated"] >= 1 and one.counts["quarantined"] >= 1
+    assert one.counts == many.counts and one.counts.truncated >= 1 and one.counts.quarantined >= 1
     for attr in ("train_jsonl", "val_jsonl", "quarantine"):
         assert getattr(one, attr).read_text() == getattr(many, attr).read_text()
     from datasets import load_from_disk

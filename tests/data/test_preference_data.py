@@ -163,8 +163,8 @@ def test_counts_reconcile_and_every_reason_lands_in_quarantine(tmp_path):
     src = write_rows(tmp_path / "pairs.jsonl", rows)
     recipe, p = prepared(pref_recipe(tmp_path, [{"path": str(src)}]))
     c = p.counts
-    assert (c["read"], c["kept"], c["duplicates"], c["quarantined"]) == (10, 6, 1, 3)
-    assert c["read"] == c["kept"] + c["quarantined"] + c["duplicates"] and c["pairs"] == 6
+    assert (c.read, c.kept, c.duplicates, c.quarantined) == (10, 6, 1, 3)
+    assert c.read == c.kept + c.quarantined + c.duplicates and c.pairs == 6
     assert sorted(r["reason"] for r in quarantined(p)) == ["bad_json", "bad_pair", "unpaired"]
     assert {(r["line"], r["reason"]) for r in quarantined(p)} == {(8, "bad_json"), (9, "bad_pair"), (10, "unpaired")}
     dup = json.loads((p.data_dir / "duplicates.jsonl").read_text())
@@ -201,7 +201,7 @@ def test_long_prompts_lose_their_oldest_exchanges_at_turn_boundaries(tmp_path, t
     hopeless = {"prompt": [{"role": "user", "content": "word " * 400}], "chosen": "Aye.", "rejected": "Hello!"}
     src = write_rows(tmp_path / "pairs.jsonl", [long_row, hopeless])
     recipe, p = prepared(pref_recipe(tmp_path, [{"path": str(src)}], val_fraction=0.0), "data.max_seq_length=128")
-    assert p.counts["truncated"] == 1 and [r["reason"] for r in quarantined(p)] == ["too_long"]
+    assert p.counts.truncated == 1 and [r["reason"] for r in quarantined(p)] == ["too_long"]
     kept = json.loads(p.train_jsonl.read_text())
     assert kept["prompt"][0] == {"role": "system", "content": SYSTEM}  # the system prompt stays
     assert kept["prompt"][1]["role"] == "user" and kept["prompt"][-1]["content"] == "Last question?"
@@ -220,7 +220,7 @@ def test_near_duplicates_need_both_sides_and_swipes_of_one_message_are_not_dupli
                        "As an AI language model I cannot fly an airship, but I can help you plan a trip.")
     src = write_rows(tmp_path / "pairs.jsonl", [base, near, other_swipe])
     recipe, p = prepared(pref_recipe(tmp_path, [{"path": str(src)}]))
-    assert (p.counts["kept"], p.counts["duplicates"]) == (2, 1)
+    assert (p.counts.kept, p.counts.duplicates) == (2, 1)
     assert json.loads((p.data_dir / "duplicates.jsonl").read_text())["kind"] == "near"
     # The two pairs of one kept message land in the same split.
     splits = {s: [json.loads(line)["line"] for line in (p.data_dir / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "val")}
@@ -234,18 +234,18 @@ def test_screen_quarantines_blocked_chosen_and_drops_blocked_rejected(tmp_path):
             pair("And one more.", "The wind rose, deckhand.", BLOCKED)]  # the rejected side is blocked: it goes
     src = write_rows(tmp_path / "pairs.jsonl", rows)
     recipe, p = prepared(pref_recipe(tmp_path, [{"path": str(src)}]))
-    assert p.counts["moderation"] == {"minor_sexual": 1} and p.counts["rejected_blocked"] == {"minor_sexual": 1}
+    assert p.counts.moderation == {"minor_sexual": 1} and p.counts.rejected_blocked == {"minor_sexual": 1}
     reasons = {r["line"]: r for r in quarantined(p)}
     assert reasons[2]["reason"] == "moderation:minor_sexual" and "chosen" in reasons[2]["detail"]
     # DPO cannot train on what is left of pair 3 (one reply): quarantined as unpaired, saying why.
     assert reasons[3]["reason"] == "unpaired" and "blocked by moderation" in reasons[3]["detail"]
-    assert p.counts["kept"] == 1 and p.counts["read"] == p.counts["kept"] + p.counts["quarantined"]
+    assert p.counts.kept == 1 and p.counts.read == p.counts.kept + p.counts.quarantined
     kept_text = p.train_jsonl.read_text() + p.val_jsonl.read_text()
     assert "15-year-old" not in kept_text
 
     # KTO keeps the chosen reply of pair 3 as a desirable row, and trains pairs as two rows each.
     recipe, p = prepared(pref_recipe(tmp_path, [{"path": str(src)}], method="kto", val_fraction=0.0))
-    assert (p.counts["pairs"], p.counts["desirable"], p.counts["train_rows"]) == (1, 1, 3)
+    assert (p.counts.pairs, p.counts.desirable, p.counts.train_rows) == (1, 1, 3)
     from datasets import load_from_disk
 
     ds = load_from_disk(str(p.train_tokenized))
@@ -260,8 +260,8 @@ def test_shipped_demo_sources(tmp_path):
                                                 {"path": str(PREF / "mara_vell_sillytavern.jsonl"), "system": system},
                                                 {"path": str(PREF / "mara_vell_kto.jsonl")}], method="kto"))
     c = p.counts
-    assert (c["read"], c["quarantined"], c["duplicates"]) == (57, 0, 0)
-    assert (c["pairs"], c["desirable"], c["undesirable"]) == (49, 5, 3)
+    assert (c.read, c.quarantined, c.duplicates) == (57, 0, 0)
+    assert (c.pairs, c.desirable, c.undesirable) == (49, 5, 3)
     assert [s.formats for s in p.sources] == [{"pair": 40}, {"sillytavern": 9}, {"kto": 8}]
 
 
