@@ -40,7 +40,7 @@ def main() -> None:
     from llmtune.export.presets import export_for_apps
     from llmtune.train.sft import train
 
-    overrides = [f"export.gguf_threads={args.threads}"] if args.threads else []
+    overrides = ["export.gguf=true"] + ([f"export.gguf_threads={args.threads}"] if args.threads else [])
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:
             recipe = load_recipe(args.run / "recipe.yaml", overrides)

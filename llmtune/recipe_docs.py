@@ -2,8 +2,9 @@
 
     python -m llmtune.recipe_docs > docs/recipes.md
 
-Three files, one loader (llmtune.schema): the recipe, the gateway's serve config and the
-moderation recipe. Every key's type, bounds, default and meaning come from its pydantic field.
+Four kinds of file, one loader (llmtune.schema): the recipe, the gateway's serve config, the
+moderation recipe and a platform policy file. Every key's type, bounds, default and meaning come from its
+pydantic field.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import typing
 from pydantic import BaseModel
 
 from llmtune.config import Recipe
+from llmtune.moderation.policy import PolicyFile
 from llmtune.moderation.train import ModerationRecipe
 from llmtune.serve.config import ServeConfig
 
 HEADER = """\
 # Recipe reference
 
-Generated from the schemas (`llmtune/config.py`, `llmtune/serve/config.py`, `llmtune/moderation/train.py`) by
-`python -m llmtune.recipe_docs`; a test fails when it is stale. All three files are read by one loader
+Generated from the schemas (`llmtune/config.py`, `llmtune/serve/config.py`, `llmtune/moderation/train.py`,
+`llmtune/moderation/policy.py`) by
+`python -m llmtune.recipe_docs`; a test fails when it is stale. All four are read by one loader
 (`llmtune/schema.py`): errors name the file, the line and the key.
 
 A recipe is a YAML file with the sections below. Every key can be overridden from the shell as
@@ -82,7 +85,8 @@ def _section(title: str, model: type[BaseModel], level: str = "##") -> list[str]
         ann = field.annotation
         inner = [a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
         if inner:
-            nested.append((f"{title}.{name}".strip(".") + ("[]" if typing.get_origin(ann) is list else ""), inner[0]))
+            suffix = {list: "[]", dict: ".<name>"}.get(typing.get_origin(ann), "")
+            nested.append((f"{title}.{name}".strip(".") + suffix, inner[0]))
             if typing.get_origin(ann) is not list:
                 continue
         lines.append(f"| `{name}` | {_type_name(ann)}{_bounds(field)} | {_default(field)} | {(field.description or '').replace('|', '/')} |")
@@ -106,11 +110,21 @@ Trains the moderation adapter (recipes/moderation.yaml); overrides work as in a 
 """
 
 
+POLICY_HEADER = """\
+# Platform policy file (`moderation.policy_file`)
+
+A platform's own categories (rules only: keywords and regular expressions, matched on the normalised
+text) and its own list of real people's names; see docs/moderation.md, 'Adding categories and names'.
+The hard floor's categories cannot be redefined or switched off here.
+"""
+
+
 def render() -> str:
     return "\n".join([
         HEADER, *_section("", Recipe),
         SERVE_HEADER, *_section("", ServeConfig, "###"),
         MODERATION_HEADER, *_section("", ModerationRecipe, "###"),
+        POLICY_HEADER, *_section("", PolicyFile, "###"),
     ])
 
 

@@ -59,8 +59,8 @@ class PolicyCategory(Section):
     """A category a platform adds in its policy file: literal keywords and/or regular expressions."""
 
     description: str = Field("", description="What the category blocks, for reports and the model card.")
-    keywords: list[str] = Field(default_factory=list, description="Literal phrases (matched on normalised text, whole words).")
-    patterns: list[str] = Field(default_factory=list, description="Python regular expressions (matched on normalised text).")
+    keywords: list[str] = Field(default_factory=list, description="Literal phrases (case- and accent-folded, whole words, any spacing between them).")
+    patterns: list[str] = Field(default_factory=list, description="Python regular expressions (case-insensitive, matched on the normalised text).")
     requires_sexual_context: bool = Field(False, description="Block only when the text also has a sexual context.")
 
     @field_validator("patterns")
