@@ -68,6 +68,7 @@ class GGUFVerification:
     stops_at_end_of_turn: list[bool | None] | None = None  # None: the merged model ran past the budget too
     reply_text: list[str] | None = None
     tokenizer_matches: bool | None = None
+    template_prompt_matches: bool | None = None  # the GGUF's template, rendered by llama-cpp-python, gives the training prompt
     metadata_matches: bool | None = None  # chat template, EOS and EOT as llama.cpp reads them
     readback: dict | None = None  # transformers' GGUF loader
     seconds: float | None = None  # this file's llama.cpp checks
@@ -162,6 +163,19 @@ def compare_greedy(want: list[int], margins: list[float], tie_bound: float, end_
     return same, same if first_difference is None else first_difference, ties
 
 
+def _gguf_formatter(llm, chat_template: str):
+    """The formatter llama-cpp-python's chat completions use for a GGUF's template (its
+    `chat_template.default`), built the same way from the file's own tokens."""
+    from llama_cpp import llama_chat_format
+
+    def text(token: int) -> str:
+        return llm._model.token_get_text(token) if token != -1 else ""
+
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=llm.metadata.get("tokenizer.chat_template", chat_template), eos_token=text(llm.token_eos()),
+        bos_token=text(llm.token_bos()), stop_token_ids=[llm.token_eos()])
+
+
 def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: int, threads: int,
                        messages: list[list[dict]], chat_template: str) -> GGUFVerification:
     import llama_cpp
@@ -191,25 +205,43 @@ def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: 
             logits.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
         result.top1_agreement, result.positions, _ = _top1(ref.logits, logits)
         result.rounding_gap_shift = _gap_shift(ref.logits, logits)
-        matched, identical, compared, ties = [], [], [], []
-        for ids, reply, margins in zip(ref.prompt_ids, ref.replies, ref.margins):
+        # The GGUF's own chat template, rendered as llama-cpp-python's chat completions render it,
+        # must give the training prompt token for token.
+        formatter = _gguf_formatter(llm, chat_template)
+        result.template_prompt_matches = all(
+            llm.tokenize(formatter(messages=chat).prompt.encode("utf-8"), add_bos=False, special=True) == ids
+            for chat, ids in zip(messages, ref.prompt_ids))
+        # Greedy: walk the merged model's reply; its first `greedy_tokens` are the equality check.
+        # Where the file is identical so far, the walk goes on to the reply's end-of-turn: reaching
+        # it on the file's own argmax at every step is the file stopping there by itself. Only
+        # where it does not is a reply generated freely through the template to see where it ends.
+        matched, identical, compared, ties, stops, texts = [], [], [], [], [], []
+        eot_text = llm._model.token_get_text(ref.end_of_turn)
+        for chat, ids, reply, margins in zip(messages, ref.prompt_ids, ref.replies, ref.margins):
             want = reply[:greedy_tokens]
             llm.reset()
             llm.eval(ids)
+            def next_token() -> int:
+                return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+            def feed(token: int) -> None:
+                llm.eval([token])
+
             same, first_difference, prompt_ties = compare_greedy(
-                want, margins, result.rounding_gap_shift, ref.end_of_turn,
-                next_token=lambda: int(np.argmax(llm.scores[llm.n_tokens - 1])), feed=lambda t: llm.eval([t]))
+                want, margins, result.rounding_gap_shift, ref.end_of_turn, next_token, feed)
             matched.append(same)
             identical.append(first_difference)
             compared.append(len(want))
             ties.append(prompt_ties)
-        result.greedy_tokens_matched, result.greedy_tokens_compared = matched, compared
-        result.greedy_tokens_identical, result.greedy_ties = identical, ties
-        # Through the GGUF's chat template and EOS, as llama-server / KoboldCpp / Ollama would.
-        eot_text = llm._model.token_get_text(ref.end_of_turn)
-        stops, texts = [], []
-        for chat, reply in zip(messages, ref.replies):
             merged_stops = bool(reply) and reply[-1] == ref.end_of_turn
+            walked = first_difference
+            if merged_stops and walked == len(want) < len(reply):  # identical so far: on to end-of-turn, exactly
+                walked += compare_greedy(reply[len(want):], margins[len(want):], -math.inf, ref.end_of_turn,
+                                         next_token, feed)[1]
+            if merged_stops and walked == len(reply):
+                stops.append(True)
+                texts.append(llm.detokenize(reply[:-1]).decode("utf-8", errors="replace"))
+                continue
             # Where the merged model ends its reply, the file gets twice that length (and 16 more
             # tokens) to end its own, which may differ: decoding past that would only cost time.
             budget = min(ref.budget, 2 * len(reply) + 16) if merged_stops else ref.budget
@@ -220,6 +252,8 @@ def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: 
             texts.append(text)
             ended = choice["finish_reason"] == "stop" and eot_text not in text
             stops.append(ended if merged_stops else (ended or None))
+        result.greedy_tokens_matched, result.greedy_tokens_compared = matched, compared
+        result.greedy_tokens_identical, result.greedy_ties = identical, ties
         result.stops_at_end_of_turn, result.reply_text = stops, texts
     finally:
         llm.close()
@@ -287,6 +321,8 @@ def judge(v: GGUFVerification, min_top1: float, rope_freqs: bool) -> None:
         v.failures.append("llama.cpp reads a chat template, EOS or EOT from the file that is not the training one")
     if v.tokenizer_matches is False:
         v.failures.append("llama.cpp tokenizes the rendered chat template differently from the training tokenizer")
+    if v.template_prompt_matches is False:
+        v.failures.append("the GGUF's chat template, as llama-cpp-python renders it, does not give the training prompt")
     if v.runtime and v.type in EXACT_TYPES:
         for i, (m, n) in enumerate(zip(v.greedy_tokens_matched, v.greedy_tokens_compared)):
             if m < n:
@@ -365,7 +401,8 @@ def verify_gguf(
     # vocabulary twice), so it runs in a second process while this one checks llama.cpp, on one
     # core fewer: threads that share a core with another busy process stall each other.
     proc = _start_read_back(read_back, conversation_ids)
-    threads, torch_threads = max(1, threads - 1), torch.get_num_threads()
+    every_core, torch_threads = threads, torch.get_num_threads()
+    threads = max(1, threads - 1)
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
@@ -374,7 +411,9 @@ def verify_gguf(
         results = []
         for path, outtype in files:
             t0 = time.perf_counter()
-            results.append(check_in_llama_cpp(path, outtype, ref, greedy_tokens, threads, prompts, chat_template)
+            # Once the read-back process has finished, the checks left take every core.
+            free = every_core if proc.poll() is not None else threads
+            results.append(check_in_llama_cpp(path, outtype, ref, greedy_tokens, free, prompts, chat_template)
                            if runtime else GGUFVerification(path.name, outtype, None))
             results[-1].seconds = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()

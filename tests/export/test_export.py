@@ -127,6 +127,20 @@ def test_greedy_check_of_an_identical_reply_stops_at_end_of_turn():
     assert (same, identical, ties, fed) == (2, 2, [], [1])
 
 
+def test_the_walk_past_the_compared_tokens_allows_no_near_tie():
+    # Past the first tokens the walk only proves the file stops by itself: any difference ends it.
+    (same, identical, ties), fed = _walk([5, 7], [5, 6, 99], [3.0, 0.001, 3.0], bound=float("-inf"))
+    assert (same, identical, ties, fed) == (1, 1, [], [5])
+
+
+def test_a_template_that_does_not_render_the_training_prompt_fails_the_file():
+    from llmtune.export.gguf_verify import GGUFVerification, judge
+
+    v = GGUFVerification("x-f16.gguf", "f16", None, template_prompt_matches=False)
+    judge(v, 0.9, rope_freqs=False)
+    assert any("chat template, as llama-cpp-python renders it" in f for f in v.failures)
+
+
 def test_rounding_gap_shift_is_the_largest_change_of_the_merged_models_top2_gap():
     import numpy as np
 

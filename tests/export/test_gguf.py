@@ -72,6 +72,7 @@ def test_export_writes_gguf_files_that_llama_cpp_runs_like_the_merged_model(gguf
     assert q8["top1_agreement"] >= 0.9 and q8["failures"] == []
     assert all(v["verification"]["tokenizer_matches"] for v in by_type.values())
     assert all(v["verification"]["metadata_matches"] for v in by_type.values())
+    assert all(v["verification"]["template_prompt_matches"] for v in by_type.values())
     assert q8["readback"]["top1_agreement"] >= 0.9
     report = json.loads((export / "gguf_report.json").read_text())
     assert report["limits"] == {"greedy_tokens": 32, "min_top1_agreement": 0.9}
