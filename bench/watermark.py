@@ -20,8 +20,9 @@ no reply stops early). Then, on the text the client received:
 - speed: completion tokens per second through the gateway, watermarked against not, at
   concurrency 8 (mean of the alternating rounds). Target: ratio >= 0.95. With --speed-rounds,
   more rounds in a rotating order: the median of the per-round ratios, and the vLLM servers'
-  own CPU seconds per completion token (not stretched by other processes' load, so the figure
-  to trust on a shared machine).
+  own CPU seconds per completion token (less stretched by other processes' load than wall
+  clock, though vLLM's engine core and worker busy-wait on their queue, so heavy load inflates
+  it too: measure on an idle machine).
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def main() -> None:
         per_token = speed["server cpu ms per token"]
         print(f"  vLLM server CPU per completion token: watermarked {per_token['watermarked']:.2f} ms, plain "
               f"{per_token['plain']:.2f} ms -> throughput ratio by CPU cost {per_token['plain'] / per_token['watermarked']:.3f} "
-              "(target >= 0.95; insensitive to other processes' load)")
+              "(target >= 0.95; less sensitive to load than wall clock)")
         print(f"  a server with no requests used {speed['idle server cpu share']:.3f} CPU-seconds per second meanwhile "
               "(near 0: the CPU figure counts work, not waiting)")
         print(f"  load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
