@@ -217,16 +217,17 @@ def check_in_llama_cpp(path: Path, outtype: str, ref: Reference, greedy_tokens: 
         # where it does not is a reply generated freely through the template to see where it ends.
         matched, identical, compared, ties, stops, texts = [], [], [], [], [], []
         eot_text = llm._model.token_get_text(ref.end_of_turn)
+
+        def next_token() -> int:
+            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+        def feed(token: int) -> None:
+            llm.eval([token])
+
         for chat, ids, reply, margins in zip(messages, ref.prompt_ids, ref.replies, ref.margins):
             want = reply[:greedy_tokens]
             llm.reset()
             llm.eval(ids)
-            def next_token() -> int:
-                return int(np.argmax(llm.scores[llm.n_tokens - 1]))
-
-            def feed(token: int) -> None:
-                llm.eval([token])
-
             same, first_difference, prompt_ties = compare_greedy(
                 want, margins, result.rounding_gap_shift, ref.end_of_turn, next_token, feed)
             matched.append(same)
