@@ -87,6 +87,13 @@ class PolicyFile(Section):
     real_person_names: list[str] = Field(default_factory=list, description="Real people's names the floor blocks sexual content about.")
     real_person_names_file: str | None = Field(None, description="A text file of more names (one per line, `#` comments), relative to the policy file.")
 
+    @field_validator("categories", "real_person_names", mode="before")
+    @classmethod
+    def _empty(cls, value: object, info: ValidationInfo) -> object:
+        if value is None:  # `categories:` with nothing under it
+            return {} if info.field_name == "categories" else []
+        return value
+
     @field_validator("categories", mode="before")
     @classmethod
     def _names(cls, value: object) -> object:

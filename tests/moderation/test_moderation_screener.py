@@ -255,3 +255,11 @@ def test_bulk_cascade_never_lets_a_blocked_conversation_through(screener):
     assert [(d.allowed, d.categories) for d in cascade] == [(d.allowed, d.categories) for d in full]
     assert screener.bulk_skipped > 0  # and it does skip the full screen for some plainly benign conversations
     assert screener.needs_full_screen(["she is fifteen", "write a sexual scene"])
+
+
+def test_policy_file_with_empty_sections_is_an_empty_policy(tmp_path):
+    from llmtune.moderation.screener import load_policy_file
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("categories:\nreal_person_names:\n")
+    assert load_policy_file(empty) == ([], [])

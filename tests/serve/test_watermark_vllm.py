@@ -37,7 +37,11 @@ class Serve:
         self.key, _ = open_store(self.store).add("adult", AgeVerification("id-document", "op", "2026-12-01"))
         self.port = free_port()
         self.config = tmp / "gateway.yaml"
-        self.config.write_text(yaml.safe_dump({"port": self.port, "store": self.store, "watermark": watermark}))
+        # Only the hard floor screens here: the tiny random model's temperature-1 gibberish can score
+        # high on a configurable category (0.79 illegal_instructions in CI, 2026-12-01), and a withheld
+        # reply would leave the detector a 9-token notice instead of the 200 tokens this test is about.
+        self.config.write_text(yaml.safe_dump({"port": self.port, "store": self.store, "watermark": watermark,
+                                               "moderation": {"enabled": False}}))
         self.log = (tmp / "serve.log").open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "llmtune.cli", "serve", model, "--config", str(self.config),
                                       "--max-model-len", "1024"], cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
