@@ -25,7 +25,7 @@ later stages read back. This module sits below every stage: it imports `llmtune.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,6 +190,19 @@ class Totals:
     train: int = 0  # rows in each split
     val: int = 0
     max_tokens: int = 0  # the longest row, in tokens
+
+    @classmethod
+    def over(cls, sources: list, **split) -> Totals:
+        """Every field the sources count too, summed over them (per-key counts merged key by key);
+        `split` gives the rest (the splits' sizes, token totals)."""
+        summed: dict = {}
+        for f in fields(cls):
+            if f.name in split or not sources or not hasattr(sources[0], f.name):
+                continue
+            values = [getattr(s, f.name) for s in sources]
+            summed[f.name] = ({k: sum(v.get(k, 0) for v in values) for k in sorted({k for v in values for k in v})}
+                              if isinstance(values[0], dict) else sum(values))
+        return cls(**summed, **split)
 
     @classmethod
     def from_json(cls, doc: dict) -> Totals:

@@ -333,13 +333,8 @@ def prepare_preference(recipe: Recipe, tokenizer, template: str) -> PreparedPref
     Dataset.from_dict(training_rows("dpo", val_pairs)).save_to_disk(str(data_dir / "tokenized" / "val_pairs"))
 
     per = found.sources
-    keys = ("read", "kept", "quarantined", "duplicates", "pairs", "desirable", "undesirable", "truncated", "reshaped",
-            "screened")
-    totals: dict = {k: sum(getattr(s, k) for s in per) for k in keys}
-    for k in ("rejected_blocked", "moderation"):
-        totals[k] = {c: sum(getattr(s, k).get(c, 0) for s in per) for c in sorted({c for s in per for c in getattr(s, k)})}
-    counts = PreferenceCounts(
-        **totals, train=len(splits["train"]), val=len(splits["val"]), val_pairs=len(val_pairs),
+    counts = PreferenceCounts.over(
+        found.sources, train=len(splits["train"]), val=len(splits["val"]), val_pairs=len(val_pairs),
         train_rows=len(training_rows(pcfg.method, splits["train"])["prompt_ids"]),
         max_tokens=max(len(t.prompt_ids) + max(len(t.chosen_ids or []), len(t.rejected_ids or [])) for _, t in found.kept))
     prepared = PreparedPreference(

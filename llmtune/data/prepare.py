@@ -439,19 +439,10 @@ def _write(recipe, data_dir, kept, found: Collected, template, eot, tokenizer) -
 
     quarantine = data_dir / "quarantine.jsonl"
     lengths = {s: [len(t.input_ids) for _, t in rows] for s, rows in kept.items()}
-    def total(key: str) -> int:
-        return sum(getattr(s, key) for s in per_source)
-
-    def per_key(key: str) -> dict[str, int]:
-        return {k: sum(getattr(s, key).get(k, 0) for s in per_source) for k in sorted({k for s in per_source for k in getattr(s, key)})}
-
-    counts = PreparedCounts(
-        read=total("read"), kept=total("kept"), quarantined=total("quarantined"), duplicates=total("duplicates"),
-        sampled_out=total("sampled_out"), copies=total("copies"), truncated=total("truncated"), reshaped=total("reshaped"),
-        moderation=per_key("moderation"), screened=total("screened"), screened_full=total("screened_full"),
-        pii=per_key("pii"), pii_conversations=total("pii_conversations"), pii_mode=recipe.data.pii,
-        train=len(kept["train"]), val=len(kept["val"]), train_tokens=sum(lengths["train"]),
-        trained_tokens=sum(t.trained_tokens for _, t in kept["train"]), max_tokens=max(lengths["train"] + lengths["val"]),
+    counts = PreparedCounts.over(
+        per_source, pii_mode=recipe.data.pii, train=len(kept["train"]), val=len(kept["val"]),
+        train_tokens=sum(lengths["train"]), trained_tokens=sum(t.trained_tokens for _, t in kept["train"]),
+        max_tokens=max(lengths["train"] + lengths["val"]),
     )
     if counts.read != counts.kept + counts.quarantined + counts.duplicates + counts.sampled_out:
         raise RuntimeError(f"bug: prepare's counts do not reconcile: {counts}")
