@@ -91,6 +91,7 @@ class Precision:
     lora: int  # LoRA parameters (and their gradients)
     compute: int  # matmul dtype
     autocast: bool
+    masked_dropout: bool = False  # training.masked_dropout on a CPU: a 1-byte LoRA dropout mask
 
     @property
     def stream(self) -> int:
@@ -104,7 +105,8 @@ class Precision:
         return self.compute if self.autocast else in_bytes
 
     def dropout_mask(self, in_bytes: int) -> int:
-        return 1 if self.device == "cuda" else in_bytes  # fused CUDA kernel: bool mask; CPU: input dtype
+        # Fused CUDA kernel and llmtune's CPU MaskedDropout: a bool mask; nn.Dropout on a CPU: the input's dtype.
+        return 1 if self.device == "cuda" or self.masked_dropout else in_bytes
 
 
 def precision_for(recipe: Recipe, device: Device) -> Precision:
@@ -127,7 +129,8 @@ def precision_for(recipe: Recipe, device: Device) -> Precision:
     else:
         unquantized, lora = weights, 4  # PEFT keeps adapters in fp32 (autocast_adapter_dtype=True)
     return Precision(device=device, qlora=qlora, double_quant=q.double_quant, weights=weights,
-                     unquantized=unquantized, lora=lora, compute=compute, autocast=autocast)
+                     unquantized=unquantized, lora=lora, compute=compute, autocast=autocast,
+                     masked_dropout=device == "cpu" and recipe.training.masked_dropout)
 
 
 @dataclass(frozen=True)

@@ -427,12 +427,15 @@ def build_classifier(recipe: ModerationRecipe, n_heads: int) -> Classifier:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
+    from llmtune.lora_dropout import use_masked_dropout
+
     encoder_dir = resolve_encoder(recipe.encoder.base)
     tokenizer = Tokenizer(encoder_dir, recipe.encoder.max_length)
     base = AutoModel.from_pretrained(str(encoder_dir), dtype=torch.float32)
     lora = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=recipe.lora.target_modules, bias="none")
     model = get_peft_model(base, lora)
+    use_masked_dropout(model)  # a CPU classifier: LoRA dropout masks as 16-bit lanes (llmtune/lora_dropout.py)
     head = torch.nn.Linear(base.config.hidden_size, n_heads)
     torch.nn.init.normal_(head.weight, std=0.02)
     torch.nn.init.zeros_(head.bias)

@@ -167,6 +167,7 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
 
     from llmtune.artifacts import read_metrics
     from llmtune.plots import plot_preference_curve
+    from llmtune.lora_dropout import use_masked_dropout
     from llmtune.train.chunked_loss import chunk_rows_for, use_chunked_loss
     from llmtune.train.sft import callbacks, trainer_arguments
 
@@ -254,6 +255,8 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
                                               run.tensorboard / "preference", label=pcfg.method),
                           peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)
+    if device == "cpu" and tcfg.masked_dropout:
+        use_masked_dropout(trainer.model)  # TRL wrapped the model in the preference LoRA just now
     if tcfg.chunked_loss and pcfg.method in ("dpo", "kto"):
         # Policy and reference log-probs of the reply tokens only, a block of rows at a time (TRL's CPU
         # path scores every position); ORPO/CPO compute full logits their own way.

@@ -240,6 +240,7 @@ def load_model(recipe: Recipe, prepared: PreparedData, where, group: RankGroup) 
     data was rendered with; packing and checkpointing decided for this model and machine."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from llmtune.lora_dropout import use_masked_dropout
     from llmtune.train.packed_attention import use_packed_attention
 
     cfg = recipe
@@ -268,6 +269,8 @@ def load_model(recipe: Recipe, prepared: PreparedData, where, group: RankGroup) 
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if where.device == "cpu" and cfg.training.masked_dropout and use_masked_dropout(model):
+        console.print(f"  LoRA dropout {cfg.lora.dropout}: masks drawn as 16-bit lanes (training.masked_dropout)")
     return LoadedModel(model, tokenizer, packing, packed_attention, checkpointing, checkpointing_why)
 
 
