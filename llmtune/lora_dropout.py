@@ -7,7 +7,7 @@ SmolLM2-135M (7 adapted layers per block, 30 blocks) the masks cost more than th
 charged `aten::bernoulli_` 13.5% of an fp32 step, and more under bf16 autocast, where the matmuls shrink and
 the masks do not).
 
-`MaskedDropout` draws one 16-bit lane per element with numpy's PCG64 (seeded from torch's global generator,
+`MaskedDropout` draws one 16-bit lane per element with numpy's PCG64, on every torch thread (seeded from torch's global generator,
 so `torch.manual_seed` reproduces a run and gradient checkpointing, which restores torch's RNG state before
 recomputing, recomputes the same mask) and drops an element when its lane falls under `round(p * 65536)`: the
 distribution of `nn.Dropout(p)` to within 1/65536 of p, the kept values scaled by 1 / (1 - that p) so the
@@ -19,10 +19,14 @@ GPUs keep `nn.Dropout`: their fused dropout is already cheap.
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 LANES = 65536  # a 16-bit lane decides each element
+CHUNK = 1 << 19  # elements per random stream: the unit of parallel drawing
 _ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as a 16-bit float's bit pattern
 
 
@@ -33,10 +37,33 @@ def drop_threshold(p: float) -> int:
 
 def keep_mask(n: int, p: float) -> np.ndarray:
     """n booleans, False where an element is dropped (each independently, probability round(p * 65536) / 65536),
-    from a generator seeded by torch's global CPU generator."""
+    from generators seeded by torch's global CPU generator. Blocks of CHUNK elements each have their own PCG64
+    stream (numpy releases the GIL while filling one), drawn on every torch thread at once; the mask depends on
+    the seed only, not on the thread count."""
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    lanes = np.random.Generator(np.random.PCG64(seed)).integers(0, LANES, n, dtype=np.uint16)
-    return lanes >= drop_threshold(p)
+    keep = np.empty(n, dtype=np.bool_)
+    starts = range(0, n, CHUNK)
+    streams = np.random.SeedSequence(seed).spawn(len(starts))
+    threshold = drop_threshold(p)
+
+    def fill(i: int) -> None:
+        a = starts[i]
+        b = min(a + CHUNK, n)
+        lanes = np.random.Generator(np.random.PCG64(streams[i])).integers(0, LANES, b - a, dtype=np.uint16)
+        np.greater_equal(lanes, threshold, out=keep[a:b])
+
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads > 1:
+        list(_pool(threads).map(fill, range(len(starts))))
+    else:
+        for i in range(len(starts)):
+            fill(i)
+    return keep
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmtune-dropout")
 
 
 def multiplier(keep: np.ndarray, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

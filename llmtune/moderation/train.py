@@ -421,6 +421,11 @@ class Classifier:
     lora_params: list
 
 
+def _shown(path: Path) -> str:
+    """A training file as the adapter records it: relative to the working directory when inside it (no machine's paths)."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def build_classifier(recipe: ModerationRecipe, n_heads: int) -> Classifier:
     """The encoder with LoRA, and a fresh multi-label head."""
     import torch
@@ -585,7 +590,7 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     meta["signal_thresholds"] = {c: cal[c]["threshold"] for c in SIGNALS}
     meta["calibration"] = {"rows": len(cal_rows), "fraction": recipe.data.calibration_fraction, "per_head": cal}
     meta["training"] = {
-        "recipe": recipe.name, "files": {str(p): file_sha256(p)[:16] for p in files}, "rows": len(train_rows),
+        "recipe": recipe.name, "files": {_shown(p): file_sha256(p)[:16] for p in files}, "rows": len(train_rows),
         "steps": total_steps, "batch_size": t.batch_size, "seed": t.seed, "lora_rank": recipe.lora.rank,
         "lora_alpha": recipe.lora.alpha, "seconds": round(train_seconds, 1),
     }
