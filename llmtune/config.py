@@ -175,7 +175,7 @@ class TrainingConfig(Section):
     masked_dropout: bool = Field(
         True,
         description="On CPUs, LoRA dropout draws its mask as 16-bit lanes from numpy's PCG64 (seeded from torch) instead "
-        "of torch's per-element Bernoulli sampler, ~3-5x cheaper, the same p to within 1/65536 (llmtune/lora_dropout.py). "
+        "of torch's per-element Bernoulli sampler, ~3x cheaper, the same p to within 1/65536 (llmtune/lora_dropout.py). "
         "false: PEFT's `nn.Dropout`. GPUs always use `nn.Dropout`.",
     )
     seed: int = Field(42, ge=0, description="Seed for data order, LoRA init and sampling.")
