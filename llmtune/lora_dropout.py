@@ -7,11 +7,11 @@ SmolLM2-135M (7 adapted layers per block, 30 blocks) the masks cost more than th
 charged `aten::bernoulli_` 13.5% of an fp32 step, and more under bf16 autocast, where the matmuls shrink and
 the masks do not).
 
-`MaskedDropout` draws one 16-bit lane per element with numpy's PCG64, on every torch thread (seeded from torch's global generator,
-so `torch.manual_seed` reproduces a run and gradient checkpointing, which restores torch's RNG state before
-recomputing, recomputes the same mask) and drops an element when its lane falls under `round(p * 65536)`: the
-distribution of `nn.Dropout(p)` to within 1/65536 of p, the kept values scaled by 1 / (1 - that p) so the
-expectation is exact. The 0/1 multiplier is built in numpy in the tensor's own dtype (bf16 by its bit
+`MaskedDropout` draws one 16-bit lane per element with numpy's PCG64, on every torch thread, seeded from
+torch's global generator (so `torch.manual_seed` reproduces a run, and gradient checkpointing, which restores
+torch's RNG state before recomputing, recomputes the same mask), and drops an element when its lane falls
+under `round(p * 65536)`: the distribution of `nn.Dropout(p)` to within 1/65536 of p, the kept values scaled
+by 1 / (1 - that p) so the expectation is exact. The 0/1 multiplier is built in numpy in the tensor's own dtype (bf16 by its bit
 pattern), one multiply applies it, and backward keeps a 1-byte mask.
 
 GPUs keep `nn.Dropout`: their fused dropout is already cheap.

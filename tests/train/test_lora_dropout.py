@@ -60,7 +60,7 @@ def test_gradient_checkpointing_recomputes_the_same_mask():
     def grads(checkpointed: bool):
         lin.zero_grad()
         torch.manual_seed(11)
-        f = lambda t: lin(drop(t))  # noqa: E731
+        f = lambda t: lin(drop(t))
         out = checkpoint(f, x, use_reentrant=False) if checkpointed else f(x)
         out.pow(2).sum().backward()
         return lin.weight.grad.clone()
