@@ -166,8 +166,8 @@ def train_preference(recipe: Recipe, prepared: PreparedPreference | None = None,
     from transformers.trainer_utils import get_last_checkpoint
 
     from llmtune.artifacts import read_metrics
-    from llmtune.plots import plot_preference_curve
     from llmtune.lora_dropout import use_masked_dropout
+    from llmtune.plots import plot_preference_curve
     from llmtune.train.chunked_loss import chunk_rows_for, use_chunked_loss
     from llmtune.train.sft import callbacks, trainer_arguments
 
