@@ -4,7 +4,7 @@ On disk (what `llmtune moderation train` writes and the package ships under adap
 
     adapter_config.json, adapter_model.safetensors   PEFT LoRA (loads with PeftModel.from_pretrained)
     head.safetensors                                  `weight` [categories, 384], `bias` [categories]
-    moderation.json                                   categories, frozen thresholds, max_length, calibration
+    moderation.json                                   categories, frozen thresholds, max_length, context_tokens, calibration
     prefilter.npz                                     the distilled first stage of bulk screening (bulk.py)
 
 Load it with transformers + peft (docs/moderation.md):
@@ -72,40 +72,88 @@ class AdapterMeta:
 
 
 class Tokenizer:
-    """The encoder's fast tokenizer (tokenizers only), windows for long texts, length-sorted batches."""
+    """The encoder's fast tokenizer (tokenizers only), windows for long texts, length-sorted batches.
 
-    def __init__(self, encoder_dir: Path, max_length: int):
+    With `context_tokens` > 0 a window may carry its conversation's card after the text, as a
+    second segment (BERT's sentence B): `[CLS] text [SEP] card [SEP]`, the card cut to that many
+    tokens. The text's tokens attend to the card's; only [CLS] text [SEP] is pooled, so the verdict
+    is on the text, read with the characters the conversation defined in view."""
+
+    def __init__(self, encoder_dir: Path, max_length: int, context_tokens: int = 0):
         from tokenizers import Tokenizer as HFTokenizer
 
         self.tok = HFTokenizer.from_file(str(encoder_dir / "tokenizer.json"))
         self.tok.no_padding()
         self.tok.no_truncation()
         self.max_length = max_length
+        self.context_tokens = context_tokens
         self.cls_id = self.tok.token_to_id("[CLS]")
         self.sep_id = self.tok.token_to_id("[SEP]")
 
-    def truncated(self, texts: list[str]) -> list[list[int]]:
-        """One window per text: its first max_length tokens (training rows are short)."""
-        inner = self.max_length - 2
-        return [[self.cls_id, *enc.ids[:inner], self.sep_id] for enc in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def _contexts(self, n: int, contexts: list[str] | None) -> list[list[int]]:
+        """Each text's card segment ([...card ids, SEP], or empty)."""
+        if not self.context_tokens or not contexts or not any(contexts):
+            return [[] for _ in range(n)]
+        unique = sorted({c for c in contexts if c})
+        encoded = self.tok.encode_batch(unique, add_special_tokens=False)
+        ids = {c: e.ids[: self.context_tokens] for c, e in zip(unique, encoded)}
+        return [[*ids[c], self.sep_id] if c and ids[c] else [] for c in contexts]
 
-    def windows(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Token ids per window, and for each window the index of its text. A text longer than
-        max_length becomes overlapping windows (half-window stride); its score is their maximum."""
-        out: list[list[int]] = []
+    def truncated(self, texts: list[str], contexts: list[str] | None = None) -> list[Window]:
+        """One window per text: its first max_length tokens (training rows are short), and its card."""
+        inner = self.max_length - 2
+        cards = self._contexts(len(texts), contexts)
+        return [Window([self.cls_id, *enc.ids[:inner], self.sep_id], card)
+                for enc, card in zip(self.tok.encode_batch(texts, add_special_tokens=False), cards)]
+
+    def windows(self, texts: list[str], contexts: list[str] | None = None) -> tuple[list[Window], list[int]]:
+        """Windows, and for each window the index of its text. A text longer than max_length
+        becomes overlapping windows (half-window stride), each with the text's card; its score is
+        their maximum."""
+        out: list[Window] = []
         owner: list[int] = []
         inner = self.max_length - 2
+        cards = self._contexts(len(texts), contexts)
         for i, enc in enumerate(self.tok.encode_batch(texts, add_special_tokens=False)):
             ids = enc.ids
             if len(ids) <= inner:
-                out.append([self.cls_id, *ids, self.sep_id])
+                out.append(Window([self.cls_id, *ids, self.sep_id], cards[i]))
                 owner.append(i)
                 continue
             stride = inner // 2
             for start in range(0, len(ids) - stride, stride):
-                out.append([self.cls_id, *ids[start: start + inner], self.sep_id])
+                out.append(Window([self.cls_id, *ids[start: start + inner], self.sep_id], cards[i]))
                 owner.append(i)
         return out, owner
+
+
+@dataclass
+class Window:
+    """One encoder input: the text's tokens ([CLS] ... [SEP], pooled) and the card's (type 1, attended to only)."""
+
+    text: list[int]
+    card: list[int]
+
+    def __len__(self) -> int:
+        return len(self.text) + len(self.card)
+
+
+def batch_tensors(windows: list[Window]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(input ids, attention mask, token types, pooling mask) for windows padded to the longest."""
+    import torch
+
+    longest = max(len(w) for w in windows)
+    ids = torch.zeros((len(windows), longest), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    types = torch.zeros_like(ids)
+    pool = torch.zeros_like(ids)
+    for row, w in enumerate(windows):
+        n, m = len(w.text), len(w)
+        ids[row, :m] = torch.tensor(w.text + w.card)
+        mask[row, :m] = 1
+        types[row, n:m] = 1
+        pool[row, :n] = 1
+    return ids, mask, types, pool
 
 
 def _lora_deltas(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -182,25 +230,31 @@ class FastEncoder:
             ))
         self.word = state["embeddings.word_embeddings.weight"].float()
         self.position = state["embeddings.position_embeddings.weight"].float()
-        self.token_type = state["embeddings.token_type_embeddings.weight"][0].float()
+        self.token_types = state["embeddings.token_type_embeddings.weight"].float()
+        self.token_type = self.token_types[0]
         self.emb_ln = (state["embeddings.LayerNorm.weight"].float(), state["embeddings.LayerNorm.bias"].float())
         head = load_file(str(adapter_dir / HEAD_NAME))
         self.head_w, self.head_b = head["weight"].float(), head["bias"].float()
 
-    def logits(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor | None, types: torch.Tensor | None = None,
+               pool: torch.Tensor | None = None) -> torch.Tensor:
+        """Head logits per window. `mask` None: no padding; `types`/`pool` None: no card segment
+        (every token type 0, every token pooled)."""
         import torch
 
         if self.dtype == torch.float32:
-            return self._logits(ids, mask)
+            return self._logits(ids, mask, types, pool)
         with torch.autocast("cpu", dtype=self.dtype):  # layer norms and softmax stay float32
-            return self._logits(ids, mask).float()
+            return self._logits(ids, mask, types, pool).float()
 
-    def _logits(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor | None, types: torch.Tensor | None,
+                pool: torch.Tensor | None) -> torch.Tensor:
         import torch.nn.functional as F
 
         b, t = ids.shape
         d, h = self.hidden, self.heads
-        x = F.embedding(ids, self.word) + self.position[:t] + self.token_type
+        token_type = self.token_type if types is None else F.embedding(types, self.token_types)
+        x = F.embedding(ids, self.word) + self.position[:t] + token_type
         x = F.layer_norm(x, (d,), *self.emb_ln, self.eps)
         attn_mask = None if mask is None else mask[:, None, None, :].bool()
         for wqkv, bqkv, wo, bo, ln1w, ln1b, wi, bi, wo2, bo2, ln2w, ln2b in self.layers:
@@ -209,7 +263,8 @@ class FastEncoder:
             x = F.layer_norm(F.linear(a.transpose(1, 2).reshape(b, t, d), wo, bo) + x, (d,), ln1w, ln1b, self.eps)
             x = F.layer_norm(F.linear(F.gelu(F.linear(x, wi, bi)), wo2, bo2) + x, (d,), ln2w, ln2b, self.eps)
         x = x.float()
-        pooled = x.mean(1) if mask is None else mean_pool(x, mask)
+        pool = pool if pool is not None else mask
+        pooled = x.mean(1) if pool is None else mean_pool(x, pool)
         return F.linear(pooled, self.head_w, self.head_b)
 
 
@@ -221,31 +276,36 @@ class ModerationAdapter:
         self.meta = AdapterMeta.load(self.dir)
         self.precision = resolve_precision(precision)
         encoder_dir = resolve_encoder(self.meta.encoder)
-        self.tokenizer = Tokenizer(encoder_dir, self.meta.max_length)
+        # Adapters trained without the card segment (no "context_tokens") read each text alone.
+        self.context_tokens = int(self.meta.raw.get("context_tokens", 0))
+        self.tokenizer = Tokenizer(encoder_dir, self.meta.max_length, self.context_tokens)
         self.encoder = FastEncoder(encoder_dir, self.dir, self.precision)
 
     @property
     def categories(self) -> list[str]:
         return self.meta.categories
 
-    def scores(self, texts: list[str], batch_size: int = 64, on_batch=None) -> list[list[float]]:
+    def scores(self, texts: list[str], batch_size: int = 64, on_batch=None,
+               contexts: list[str] | None = None) -> list[list[float]]:
+        """Per text, a probability per category. `contexts`: each text's conversation card
+        (normalised like the text), read by adapters trained with one and ignored by the rest."""
         import torch
 
-        windows, owner = self.tokenizer.windows(texts)
+        windows, owner = self.tokenizer.windows(texts, contexts)
         best = [[0.0] * len(self.categories) for _ in texts]
         # Length-sorted batches: padding, not arithmetic, is what batching wastes on short messages.
         order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start: start + batch_size]
-                longest = max(len(windows[i]) for i in chunk)
-                ids = torch.zeros((len(chunk), longest), dtype=torch.long)
-                mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    ids[row, : len(windows[i])] = torch.tensor(windows[i])
-                    mask[row, : len(windows[i])] = 1
-                uniform = all(len(windows[i]) == longest for i in chunk)
-                probs = torch.sigmoid(self.encoder.logits(ids, None if uniform else mask)).tolist()
+                batch = [windows[i] for i in chunk]
+                if all(not w.card for w in batch) and len({len(w) for w in batch}) == 1:
+                    ids = torch.tensor([w.text for w in batch])  # no padding, no card: the plain path
+                    logits = self.encoder.logits(ids, None)
+                else:
+                    ids, mask, types, pool = batch_tensors(batch)
+                    logits = self.encoder.logits(ids, mask, types if any(w.card for w in batch) else None, pool)
+                probs = torch.sigmoid(logits).tolist()
                 for row, i in enumerate(chunk):
                     text_i = owner[i]
                     best[text_i] = [max(a, b) for a, b in zip(best[text_i], probs[row])]

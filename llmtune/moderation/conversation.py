@@ -44,6 +44,13 @@ CHECKPOINT_CHARS = 64
 # Each checkpoint's window for the per-text screen reaches this far back into the reply.
 WINDOW_CONTEXT_CHARS = 400
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# Messages in these roles are the conversation's card (character definitions, scenario, ages). The
+# classifier reads every later text with the card so far beside it (adapter.Tokenizer), so that a
+# name the card defines, or an age it states, is in view when a request names no one.
+CARD_ROLES = ("system", "developer")
+# The classifier reads the card's first few dozen tokens (moderation.json's context_tokens); the
+# card is kept to this many characters, which is well past them.
+CARD_CHARS = 1500
 
 
 def message_text(message: dict) -> str:
@@ -59,6 +66,18 @@ def screened_text(message: dict) -> str:
     since a name can carry a request as well as an age."""
     text, name = message_text(message), message.get("name")
     return f"{name}: {text}" if isinstance(name, str) and name.strip() else text
+
+
+def with_card(card: str, text: str, role: str) -> str:
+    """The card after a message: a card-role message adds its text to it."""
+    if role not in CARD_ROLES or not text.strip() or len(card) >= CARD_CHARS:
+        return card
+    return (f"{card}\n{text}" if card else text)[:CARD_CHARS]
+
+
+def card_for(card: str, role: str) -> str:
+    """The card a message is read with: the card so far, except for card text itself (read alone)."""
+    return "" if role in CARD_ROLES else card
 
 
 def _hash(previous: str, *parts: str) -> str:
@@ -108,12 +127,15 @@ class ConversationState:
     per_text: list["Decision"] = field(default_factory=list)  # blocked per-text decisions
     texts: list[TextFacts] = field(default_factory=list)  # each text's own facts (for named dependants)
     key: str = ""
+    card: str = ""  # the card-role text so far, which the classifier reads beside each later text
 
     def copy(self) -> "ConversationState":
-        return ConversationState(self.screener, self.facts.copy(), list(self.per_text), list(self.texts), self.key)
+        return ConversationState(self.screener, self.facts.copy(), list(self.per_text), list(self.texts), self.key,
+                                 self.card)
 
     def add(self, text: str, where: str, role: str, name: str | None = None) -> None:
-        self.add_screened(*self.screener.screen_texts([(text, where, role, name)])[0])
+        self.add_screened(*self.screener.screen_texts([(text, where, role, name, card_for(self.card, role))])[0])
+        self.card = with_card(self.card, text, role)
 
     def add_screened(self, decision: "Decision", facts: TextFacts) -> None:
         if not decision.allowed:
@@ -225,6 +247,18 @@ class ReplyScreen:
         return self.check(text, final=True)
 
 
+def conversation_items(messages: list[dict], start: int = 0, card: str = "") -> tuple[list[tuple], list[str]]:
+    """Screen items (text, where, role, name, card) for messages (the first at index `start`),
+    and the card after each one."""
+    items, cards = [], []
+    for i, m in enumerate(messages, start):
+        text, role = screened_text(m), str(m.get("role", "user"))
+        items.append((text, f"messages[{i}].content", role, m.get("name") or None, card_for(card, role)))
+        card = with_card(card, text, role)
+        cards.append(card)
+    return items, cards
+
+
 class PrefixCache:
     """ConversationState per conversation prefix (a hash chain over role, name and content)."""
 
@@ -250,11 +284,10 @@ class PrefixCache:
             self.hits += start
             self.misses += len(messages) - start
         state = state or ConversationState(screener)
-        items = [(screened_text(m), f"messages[{i}].content", str(m.get("role", "user")), m.get("name") or None)
-                 for i, m in enumerate(messages[start:], start)]
-        for i, screened in zip(range(start, len(messages)), screener.screen_texts(items)):
+        items, cards = conversation_items(messages[start:], start, state.card)
+        for i, screened, card in zip(range(start, len(messages)), screener.screen_texts(items), cards):
             state.add_screened(*screened)
-            state.key = chain[i + 1]
+            state.key, state.card = chain[i + 1], card
             with self.lock:
                 self.states[chain[i + 1]] = state.copy()
                 if len(self.states) > self.size:

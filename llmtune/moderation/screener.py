@@ -23,7 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from llmtune.moderation.adapter import ModerationAdapter
-from llmtune.moderation.conversation import ConversationState, PrefixCache, screened_text
+from llmtune.moderation.conversation import ConversationState, PrefixCache, conversation_items, screened_text
 from llmtune.moderation.decision import Decision
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.facts import Evidence, TextFacts, extract_facts
@@ -124,32 +124,35 @@ class Screener:
         texts = [t if isinstance(t, str) else str(t) for t in texts]
         return self.screen_conversations([[{"role": "text", "content": t}] for t in texts], batch_size, progress, fast)
 
-    def screen_texts(self, items: list[tuple[str, str, str, str | None]], batch_size: int = 64,
+    def screen_texts(self, items: list[tuple[str, str, str, str | None, str]], batch_size: int = 64,
                      progress: bool = False) -> list[tuple[Decision, TextFacts]]:
-        """(decision, facts) per (text, where, role, name): the text's own rule and classifier
-        decision, and the facts it establishes, the classifier's signals among them. Cached by
-        (role, name, text), so resent conversation history costs nothing."""
+        """(decision, facts) per (text, where, role, name, card): the text's own rule and classifier
+        decision (the classifier reading the conversation's card beside it), and the facts it
+        establishes, the classifier's signals among them. Cached by (role, name, text, card), so
+        resent conversation history costs nothing."""
         results: list[tuple[Decision, TextFacts] | None] = [None] * len(items)
         todo: list[int] = []
         with self._lock:
-            for i, (text, where, role, name) in enumerate(items):
-                cached = self._text_cache.get((role, name, text))
+            for i, (text, where, role, name, card) in enumerate(items):
+                key = (role, name, text, card if self.adapter.context_tokens else "")
+                cached = self._text_cache.get(key)
                 if cached is not None:
-                    self._text_cache.move_to_end((role, name, text))
+                    self._text_cache.move_to_end(key)
                     results[i] = (_placed(cached[0], where), _relocate(cached[1], where))
                 else:
                     todo.append(i)
         if todo:
             analyses = {i: self.rules.analyse(items[i][0]) for i in todo}
             scored = [i for i in todo if items[i][0].strip()]
-            scores = dict(zip(scored, self._adapter_scores([items[i][0] for i in scored], batch_size, progress)))
+            scores = dict(zip(scored, self._adapter_scores([items[i][0] for i in scored], batch_size, progress,
+                                                           [items[i][4] for i in scored])))
             for i in todo:
-                text, where, role, name = items[i]
+                text, where, role, name, card = items[i]
                 facts = extract_facts(text, where, role, self.rules, name=name)
                 self._signal_facts(facts, scores.get(i, {}), where, role)
                 decision = self._decide(analyses[i], scores.get(i, {}))
                 with self._lock:
-                    self._text_cache[(role, name, text)] = (decision, facts)
+                    self._text_cache[(role, name, text, card if self.adapter.context_tokens else "")] = (decision, facts)
                     if len(self._text_cache) > TEXT_CACHE_SIZE:
                         self._text_cache.popitem(last=False)
                 results[i] = (_placed(decision, where), _relocate(facts, where))
@@ -171,10 +174,16 @@ class Screener:
                 # evidence for the report, never a conversation fact on its own
                 facts.real.append(Evidence("real_person", detail, "", where, "local"))
 
-    def _adapter_scores(self, texts: list[str], batch_size: int, progress: bool) -> list[dict[str, float]]:
+    def _adapter_scores(self, texts: list[str], batch_size: int, progress: bool,
+                        cards: list[str] | None = None) -> list[dict[str, float]]:
         if not texts:
             return []
         views = [canonical(t) for t in texts]
+        if cards and self.adapter.context_tokens:
+            normalised = {c: canonical(c) for c in set(cards) if c}
+            cards = [normalised.get(c, "") for c in cards]
+        else:
+            cards = None
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -186,9 +195,9 @@ class Screener:
                 def step(n: int, total: int) -> None:
                     bar.update(task, total=total, advance=n)
 
-                raw = self.adapter.scores(views, batch_size, on_batch=step)
+                raw = self.adapter.scores(views, batch_size, on_batch=step, contexts=cards)
         else:
-            raw = self.adapter.scores(views, batch_size)
+            raw = self.adapter.scores(views, batch_size, contexts=cards)
         cats = self.adapter.categories
         return [{c: round(float(v), 4) for c, v in zip(cats, row)} for row in raw]
 
@@ -251,9 +260,8 @@ class Screener:
         for k, messages in enumerate(conversations):
             if out[k] is not None:
                 continue
-            for i, m in enumerate(messages):
-                items.append((screened_text(m), f"messages[{i}].content", str(m.get("role", "user")), m.get("name") or None))
-                owner.append(k)
+            items += conversation_items(messages)[0]
+            owner += [k] * len(messages)
         states = {k: ConversationState(self) for k in set(owner)}
         for k, screened in zip(owner, self.screen_texts(items, batch_size, progress)):
             states[k].add_screened(*screened)

@@ -26,7 +26,9 @@ from pydantic import Field, field_validator
 from llmtune.console import console
 from llmtune.encoder import EMBEDDED_ENCODER, ENCODER_HUB_ID, mean_pool, resolve_encoder
 from llmtune.jsonl import json_objects
-from llmtune.moderation.adapter import CONFIG_NAME, HEAD_NAME, TARGET_MODULES, ModerationAdapter, Tokenizer, native_bf16
+from llmtune.moderation.adapter import (
+    CONFIG_NAME, HEAD_NAME, TARGET_MODULES, ModerationAdapter, Tokenizer, batch_tensors, native_bf16,
+)
 from llmtune.moderation.bulk import PREFILTER_NAME, train_prefilter
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.normalize import canonical
@@ -45,6 +47,10 @@ HEADS: tuple[str, ...] = BUILTIN_CATEGORIES + SIGNALS
 class EncoderSection(_Section):
     base: str = Field(EMBEDDED_ENCODER, description="Encoder: `embedded:minilm-l6` or a local BERT-style model directory.")
     max_length: int = Field(128, ge=16, le=512, description="Tokens per window; longer texts are screened as overlapping windows.")
+    context_tokens: int = Field(
+        48, ge=0, le=256,
+        description="Tokens of the conversation's card (its system and developer messages) the classifier reads beside each "
+                    "later text, as a second segment; 0 reads every text alone.")
 
 
 class DataSection(_Section):
@@ -92,6 +98,10 @@ class TrainingSection(_Section):
         "float32", description="Encoder arithmetic while training: `bfloat16` (or `auto` where the CPU has native bf16) autocasts the encoder, LoRA weights stay float32; on the 2-core dev CPU it was ~5x slower per step than float32."
     )
     obfuscation: float = Field(0.15, ge=0.0, le=1.0, description="Chance of training on an obfuscated copy of a row (moderation/obfuscate.py), normalised as screening would.")
+    card_augment: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="Chance of reading a row that has no card beside a card drawn from the allowed conversations "
+                    "(one that defines no minor), its labels unchanged: a card beside a request never clears it by itself.")
     max_pos_weight: float = Field(4.0, ge=1.0, description="Cap on the per-category positive weight sqrt(negatives/positives).")
     seed: int = Field(0, ge=0, description="Seed for LoRA init, data order and augmentation.")
     num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; null uses every core.")
@@ -155,6 +165,7 @@ class Row:
     targets: dict[str, float | None]
     source: str
     group: str | None = None
+    card: str = ""  # the conversation's card so far, read beside the text (conversation.CARD_ROLES)
 
     @property
     def labels(self) -> list[str]:
@@ -194,26 +205,56 @@ def _text_row(obj: dict, text: str, where: str) -> Row:
 
 
 def _conversation_rows(obj: dict, where: str) -> list[Row]:
-    """A labelled conversation teaches what its single texts show: in an allowed conversation
-    every message is allowed; its last request (or its output) is sexual or not as labelled.
-    A blocked conversation's block comes from its context, so its texts say nothing alone."""
+    """A labelled conversation teaches what its texts show, each read with the card so far
+    beside it (as screening reads it): in an allowed conversation every message is allowed; its
+    last request (or its output) is sexual or not as labelled. A blocked conversation's block
+    comes from its context: its last text is a positive where the card holds the evidence (the
+    row's group names the card, or the card's own facts show a minor or a real person), and says
+    nothing otherwise."""
     messages = obj.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ModerationError(f'{where}: "messages" must be a list of message objects')
-    from llmtune.moderation.conversation import message_text
+    from llmtune.moderation.conversation import card_for, message_text, with_card
 
-    blocked = bool(obj.get("labels"))
+    labels = obj.get("labels") or []
+    blocked = bool(labels)
     unknown_signals = dict.fromkeys(SIGNALS)
-    texts = [message_text(m) for m in messages if message_text(m).strip()]
-    last = obj["output"] if isinstance(obj.get("output"), str) and obj["output"].strip() else (texts.pop() if texts else None)
+    texts: list[tuple[str, str]] = []  # (text, card it is read with)
+    card = ""
+    for m in messages:
+        text, role = message_text(m), str(m.get("role", "user"))
+        if text.strip():
+            texts.append((text, card_for(card, role)))
+        card = with_card(card, text, role)
+    if isinstance(obj.get("output"), str) and obj["output"].strip():
+        last = (obj["output"], card)
+    else:
+        last = texts.pop() if texts else None
     rows = []
+    group = obj.get("group")
     if not blocked:
-        for text in texts:
-            rows.append(Row(text, {**dict.fromkeys(BUILTIN_CATEGORIES, 0.0), **unknown_signals}, where, obj.get("group")))
+        for text, text_card in texts:
+            negative = {**dict.fromkeys(BUILTIN_CATEGORIES, 0.0), **unknown_signals}
+            rows.append(Row(text, negative, where, group, text_card))
     if last:
-        base = dict.fromkeys(BUILTIN_CATEGORIES, 0.0 if not blocked else None)
-        rows.append(Row(last, {**base, **unknown_signals, "sexual": _flag(obj, "sexual")}, where, obj.get("group")))
+        if not blocked:
+            base: dict[str, float | None] = dict.fromkeys(BUILTIN_CATEGORIES, 0.0)
+        elif last[1] and _card_holds_evidence(last[1], labels, group):
+            base = {c: float(c in labels) for c in BUILTIN_CATEGORIES}
+        else:
+            base = dict.fromkeys(BUILTIN_CATEGORIES, None)
+        rows.append(Row(last[0], {**base, **unknown_signals, "sexual": _flag(obj, "sexual")}, where, group, last[1]))
     return rows
+
+
+def _card_holds_evidence(card: str, labels: list[str], group: str | None) -> bool:
+    """Whether a blocked conversation's card alone shows why it is blocked."""
+    if "card" in (group or ""):
+        return True
+    from llmtune.moderation.facts import extract_facts
+
+    facts = extract_facts(card, "card", "system")
+    return ("minor_sexual" in labels and bool(facts.minor)) or ("real_person_sexual" in labels and bool(facts.real))
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[Row]:
@@ -239,13 +280,17 @@ def read_tame(path: Path) -> list[Row]:
     from llmtune.data.formats import read_source
     from llmtune.data.types import Conversation
 
+    from llmtune.moderation.conversation import card_for, with_card
+
     rows = []
     for item in read_source(path):
         if isinstance(item, Conversation):
+            card = ""
             for m in item.messages:
                 if m.content.strip():
                     rows.append(Row(m.content, {**dict.fromkeys(BUILTIN_CATEGORIES, 0.0), "sexual": None, "minor": 0.0,
-                                                "real_person": 0.0}, f"{path}", "tame_roleplay"))
+                                                "real_person": 0.0}, f"{path}", "tame_roleplay", card_for(card, m.role)))
+                card = with_card(card, m.content, m.role)
     return rows
 
 
@@ -278,11 +323,11 @@ def load_training_data(recipe: "ModerationRecipe") -> tuple[list[Row], list[Row]
         rows += read_rows(path)
     for path in tame_files:
         rows += read_tame(path)
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     unique = []
     for r in rows:
-        if r.text not in seen:
-            seen.add(r.text)
+        if (r.text, r.card) not in seen:
+            seen.add((r.text, r.card))
             unique.append(r)
     train = [r for r in unique if not in_calibration(r.text, d.calibration_fraction)]
     cal = [r for r in unique if in_calibration(r.text, d.calibration_fraction)]
@@ -393,6 +438,8 @@ class Targets:
     targets are known (a head learns only from rows that say), and BCE's positive weights."""
 
     text: list[str]
+    card: list[str]  # each row's card, normalised ("" for none)
+    cards: list[str]  # the pool a card-less row may draw one from (training.card_augment)
     targets: object  # torch.Tensor [rows, heads]
     known: object  # torch.Tensor [rows, heads]
     positives: object
@@ -404,12 +451,28 @@ def training_targets(train_rows: list, heads: list[str], max_pos_weight: float) 
     import torch
 
     text = [canonical(r.text) for r in train_rows]  # normalised exactly as screening normalises it
+    normalised = {c: canonical(c) for c in {r.card for r in train_rows if r.card}}
+    card = [normalised.get(r.card, "") for r in train_rows]
     targets = torch.tensor([[r.targets[h] if r.targets.get(h) is not None else 0.0 for h in heads] for r in train_rows])
     known = torch.tensor([[float(r.targets.get(h) is not None) for h in heads] for r in train_rows])
     positives = (targets * known).sum(0)
     negatives = ((1 - targets) * known).sum(0)
     pos_weight = (negatives / positives.clamp(min=1)).sqrt().clamp(1.0, max_pos_weight)
-    return Targets(text, targets, known, positives, negatives, pos_weight)
+    return Targets(text, card, card_pool(train_rows, normalised), targets, known, positives, negatives, pos_weight)
+
+
+def card_pool(rows: list[Row], normalised: dict[str, str]) -> list[str]:
+    """Cards of allowed conversations that define no minor and cast no real person (by their own
+    facts): what a card-less row may be read beside, its labels unchanged."""
+    from llmtune.moderation.facts import extract_facts
+
+    allowed = sorted({r.card for r in rows if r.card and all(r.targets.get(c) == 0.0 for c in BUILTIN_CATEGORIES)})
+    pool = []
+    for card in allowed:
+        facts = extract_facts(card, "card", "system")
+        if not facts.minor and not facts.real:
+            pool.append(normalised[card])
+    return pool
 
 
 @dataclass
@@ -435,7 +498,7 @@ def build_classifier(recipe: ModerationRecipe, n_heads: int) -> Classifier:
     from llmtune.lora_dropout import use_masked_dropout
 
     encoder_dir = resolve_encoder(recipe.encoder.base)
-    tokenizer = Tokenizer(encoder_dir, recipe.encoder.max_length)
+    tokenizer = Tokenizer(encoder_dir, recipe.encoder.max_length, recipe.encoder.context_tokens)
     base = AutoModel.from_pretrained(str(encoder_dir), dtype=torch.float32)
     lora = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                       target_modules=recipe.lora.target_modules, bias="none")
@@ -472,8 +535,9 @@ def fit(recipe: ModerationRecipe, clf: Classifier, train_rows: list, data: Targe
     model.train()
     head.train()
     bf16 = t.precision == "bfloat16" or (t.precision == "auto" and native_bf16())
-    lengths = [len(x) for x in tokenizer.truncated(data.text)]
-    console.print(f"  training in {'bfloat16 autocast (native on this CPU)' if bf16 else 'float32'}; batches grouped by length")
+    lengths = [len(x) for x in tokenizer.truncated(data.text, data.card)]
+    console.print(f"  training in {'bfloat16 autocast (native on this CPU)' if bf16 else 'float32'}; batches grouped by length; "
+                  f"{sum(map(bool, data.card))} rows read beside their card, {len(data.cards)} cards to draw from")
     start = time.time()
     order: list[int] = []
     running = 0.0
@@ -486,16 +550,12 @@ def fit(recipe: ModerationRecipe, clf: Classifier, train_rows: list, data: Targe
                 order += _length_grouped(lengths, t.batch_size, rng)
             batch, order = order[: t.batch_size], order[t.batch_size:]
             texts = [augment(train_rows[i].text, data.text[i], rng, t) for i in batch]
-            windows = tokenizer.truncated(texts)
-            longest = max(len(w) for w in windows)
-            ids = torch.zeros((len(windows), longest), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, w in enumerate(windows):
-                ids[row, : len(w)] = torch.tensor(w)
-                mask[row, : len(w)] = 1
+            cards = [data.card[i] or (rng.choice(data.cards) if data.cards and rng.random() < t.card_augment else "")
+                     for i in batch]
+            ids, mask, types, pool = batch_tensors(tokenizer.truncated(texts, cards))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # LoRA and head weights stay float32
-                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            logits = head(torch.nn.functional.dropout(mean_pool(hidden.float(), mask), 0.1, training=True))
+                hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+            logits = head(torch.nn.functional.dropout(mean_pool(hidden.float(), pool), 0.1, training=True))
             m = data.known[batch]
             loss = (loss_fn(logits, data.targets[batch]) * m).sum() / m.sum().clamp(min=1)
             loss.backward()
@@ -537,6 +597,7 @@ def save_provisional(recipe: ModerationRecipe, clf: Classifier, heads: list[str]
         "thresholds": dict.fromkeys(BUILTIN_CATEGORIES, 0.5),
         "signal_thresholds": dict.fromkeys(SIGNALS, 0.5),
         "max_length": recipe.encoder.max_length,
+        "context_tokens": recipe.encoder.context_tokens,
         "pooling": "mean",
         "normalisation": "llmtune.moderation.normalize.canonical",
     }
@@ -584,7 +645,8 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
 
     # 5. Calibrate on the held-out slice through the same fast path the screener uses, then freeze.
     adapter = ModerationAdapter(tmp, precision="float32")  # thresholds are calibrated in float32
-    cal_scores = adapter.scores([canonical(r.text) for r in cal_rows])
+    cal_cards = [canonical(r.card) if r.card else "" for r in cal_rows]  # each read with its card, as screened
+    cal_scores = adapter.scores([canonical(r.text) for r in cal_rows], contexts=cal_cards)
     cal = calibrate(cal_scores, cal_rows, heads, recipe.calibration)
     meta["thresholds"] = {c: cal[c]["threshold"] for c in BUILTIN_CATEGORIES}
     meta["signal_thresholds"] = {c: cal[c]["threshold"] for c in SIGNALS}

@@ -99,8 +99,27 @@ def test_moderation_train_tiny_subset_writes_a_loadable_adapter(app, tmp_path):
     meta = json.loads((adapter_dir / "moderation.json").read_text())
     assert set(meta["thresholds"]) == set(meta["categories"]) - set(meta["signals"]) and meta["training"]["steps"] == 2
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 8
-    PeftModel.from_pretrained(AutoModel.from_pretrained(str(minilm_dir())), str(adapter_dir))
+    peft = PeftModel.from_pretrained(AutoModel.from_pretrained(str(minilm_dir())), str(adapter_dir)).eval()
     assert len(ModerationAdapter(adapter_dir).scores(["hello"])[0]) == len(meta["categories"])  # 5 blocking + 3 signals
+    # The card segment: screening's fused encoder reads [CLS] text [SEP] card [SEP] (card as token
+    # type 1, only the text pooled) exactly as the PEFT model it was trained as does.
+    import torch
+    from safetensors.torch import load_file
+
+    from llmtune.encoder import mean_pool
+    from llmtune.moderation.adapter import batch_tensors
+
+    assert meta["context_tokens"] == 48
+    fast = ModerationAdapter(adapter_dir, precision="float32")
+    texts, cards = ["kiss me, mara vell", "what's our heading, captain?"], ["you are mara vell, 34, a ship captain", ""]
+    ids, mask, types, pool = batch_tensors(fast.tokenizer.truncated(texts, cards))
+    assert types[0].sum() > 0 and types[1].sum() == 0 and pool[0].sum() < mask[0].sum()
+    head = load_file(str(adapter_dir / "head.safetensors"))
+    with torch.no_grad():
+        hidden = peft(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        ref = torch.sigmoid(mean_pool(hidden, pool) @ head["weight"].T + head["bias"])
+    assert torch.allclose(torch.tensor(fast.scores(texts, contexts=cards)), ref, atol=1e-4)
+    assert fast.scores(texts[:1], contexts=cards[:1]) != fast.scores(texts[:1])  # the card is read
 
 
 def test_moderation_train_reports_recipe_mistakes(app, tmp_path):
