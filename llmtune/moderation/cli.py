@@ -152,6 +152,20 @@ def train_command(
         train_moderation(load_moderation_recipe(recipe, overrides or []))
 
 
+@moderation_app.command("calibrate", epilog="Example: `llmtune moderation calibrate recipes/moderation.yaml "
+                        "--adapter runs/moderation/adapter calibration.max_fpr.minor_sexual=0.01`")
+def calibrate_command(
+    recipe: Annotated[Path, typer.Argument(help="The moderation recipe the adapter was trained with.")],
+    adapter: Annotated[Path, typer.Option("--adapter", help="Adapter directory to recalibrate in place (runs/NAME/adapter).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Overrides, e.g. calibration.max_fpr.minor_sexual=0.01.")] = None,
+) -> None:
+    """Recalibrate a trained adapter's thresholds (other over-blocking budgets or recall targets) without retraining."""
+    from llmtune.moderation.train import load_moderation_recipe, recalibrate_moderation
+
+    with user_errors():
+        recalibrate_moderation(load_moderation_recipe(recipe, overrides or []), adapter)
+
+
 @moderation_app.command("eval", epilog="Example: `llmtune moderation eval --split heldout --json`")
 def eval_command(
     split: Annotated[str, typer.Option("--split", help="`heldout` (frozen, aggregates only), `dev` (under --eval-dir) or a JSONL path.")] = "heldout",

@@ -605,6 +605,54 @@ def save_provisional(recipe: ModerationRecipe, clf: Classifier, heads: list[str]
     return meta
 
 
+def _calibrate_and_freeze(recipe: ModerationRecipe, adapter_dir: Path, meta: dict, train_rows: list[Row],
+                          cal_rows: list[Row], train_text: list[str]) -> dict:
+    """Thresholds from the calibration slice, read through the same fast path the screener uses
+    (each text with its card), then the bulk first stage distilled from the classifier: its target
+    is "the classifier might block this" (any blocking head at half its threshold or more, or a
+    blocking label), and its threshold lets every such calibration text through. Writes
+    moderation.json and prefilter.npz into `adapter_dir`; returns the per-head calibration."""
+    adapter = ModerationAdapter(adapter_dir, precision="float32")  # thresholds are calibrated in float32
+    cal_cards = [canonical(r.card) if r.card else "" for r in cal_rows]
+    cal_scores = adapter.scores([canonical(r.text) for r in cal_rows], contexts=cal_cards)
+    cal = calibrate(cal_scores, cal_rows, HEADS, recipe.calibration)
+    meta["thresholds"] = {c: cal[c]["threshold"] for c in BUILTIN_CATEGORIES}
+    meta["signal_thresholds"] = {c: cal[c]["threshold"] for c in SIGNALS}
+    meta["calibration"] = {"rows": len(cal_rows), "fraction": recipe.data.calibration_fraction, "per_head": cal}
+    prefilter = _train_prefilter(adapter, train_rows, train_text, cal_rows, cal_scores, meta["thresholds"])
+    prefilter.save(adapter_dir / PREFILTER_NAME)
+    meta["prefilter"] = prefilter.meta
+    (adapter_dir / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    console.print("  calibrated thresholds (calibration slice, classifier alone):")
+    for c in HEADS:
+        k = cal[c]
+        console.print(f"    {c:22s} t={k['threshold']:.3f}  recall {k['recall']:.3f} (target {k['target_recall']})  "
+                      f"FPR {k['fpr']:.3f} (budget {k['max_fpr']})  [{k['positives']}+/{k['negatives']}-]")
+    return cal
+
+
+def recalibrate_moderation(recipe: ModerationRecipe, adapter_dir: Path) -> dict:
+    """A trained adapter's thresholds again, under the recipe's `calibration` section (other
+    budgets or recall targets), on the same slice of the recipe's data; no retraining. The
+    adapter must have been trained on that data (its moderation.json names the files)."""
+    from llmtune.distributed import configure_threads
+
+    configure_threads(recipe.training.num_threads)
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_NAME).is_file():
+        raise ModerationError(f"{adapter_dir}: no {CONFIG_NAME}; pass the adapter directory (runs/NAME/adapter)")
+    meta = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    train_rows, cal_rows, files = load_training_data(recipe)
+    trained_on = meta.get("training", {}).get("files", {})
+    now = {_shown(p): file_sha256(p)[:16] for p in files}
+    if trained_on and trained_on != now:
+        changed = sorted(set(trained_on.items()) ^ set(now.items()))
+        raise ModerationError(f"{adapter_dir}: trained on other data than recipe {recipe.source_path} reads "
+                              f"({', '.join(sorted({k for k, _ in changed}))} differ); calibrate with the recipe it was trained with")
+    console.print(f"moderation calibrate: {adapter_dir} on a calibration slice of {len(cal_rows)} rows")
+    return _calibrate_and_freeze(recipe, adapter_dir, meta, train_rows, cal_rows, [canonical(r.text) for r in train_rows])
+
+
 def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     """Data, classifier, fit, save, calibrate, distil the bulk prefilter, freeze: in that order."""
     import torch
@@ -643,38 +691,19 @@ def train_moderation(recipe: ModerationRecipe) -> ModerationTrainResult:
     tmp = run_dir / ".adapter-tmp"
     meta = save_provisional(recipe, clf, heads, tmp)
 
-    # 5. Calibrate on the held-out slice through the same fast path the screener uses, then freeze.
-    adapter = ModerationAdapter(tmp, precision="float32")  # thresholds are calibrated in float32
-    cal_cards = [canonical(r.card) if r.card else "" for r in cal_rows]  # each read with its card, as screened
-    cal_scores = adapter.scores([canonical(r.text) for r in cal_rows], contexts=cal_cards)
-    cal = calibrate(cal_scores, cal_rows, heads, recipe.calibration)
-    meta["thresholds"] = {c: cal[c]["threshold"] for c in BUILTIN_CATEGORIES}
-    meta["signal_thresholds"] = {c: cal[c]["threshold"] for c in SIGNALS}
-    meta["calibration"] = {"rows": len(cal_rows), "fraction": recipe.data.calibration_fraction, "per_head": cal}
+    # 5-6. Calibrate on the held-out slice, distil the bulk first stage, freeze.
     meta["training"] = {
         "recipe": recipe.name, "files": {_shown(p): file_sha256(p)[:16] for p in files}, "rows": len(train_rows),
         "steps": total_steps, "batch_size": t.batch_size, "seed": t.seed, "lora_rank": recipe.lora.rank,
         "lora_alpha": recipe.lora.alpha, "seconds": round(train_seconds, 1),
     }
-    # 6. The first stage for bulk screening (moderation/bulk.py), distilled from the classifier:
-    #    its target is "the classifier might block this" (any blocking head at half its threshold or
-    #    more, or a blocking label), and its threshold lets every such calibration text through.
-    prefilter = _train_prefilter(adapter, train_rows, data.text, cal_rows, cal_scores, meta["thresholds"])
-    prefilter.save(tmp / PREFILTER_NAME)
-    meta["prefilter"] = prefilter.meta
-    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    cal = _calibrate_and_freeze(recipe, tmp, meta, train_rows, cal_rows, data.text)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp.rename(adapter_dir)
     (run_dir / "recipe.yaml").write_text(
         f"# Fully resolved moderation recipe from {recipe.source_path}\n"
         + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     )
-
-    console.print("  calibrated thresholds (calibration slice, classifier alone):")
-    for c in heads:
-        k = cal[c]
-        console.print(f"    {c:22s} t={k['threshold']:.3f}  recall {k['recall']:.3f} (target {k['target_recall']})  "
-                      f"FPR {k['fpr']:.3f} (budget {k['max_fpr']})  [{k['positives']}+/{k['negatives']}-]")
     size = sum(f.stat().st_size for f in adapter_dir.iterdir()) / 1e6
     console.print(f"done: adapter {adapter_dir} ({size:.1f} MB) in {train_seconds:.0f}s")
     return ModerationTrainResult(run_dir, adapter_dir, cal, train_seconds)

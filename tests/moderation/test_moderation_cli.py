@@ -120,6 +120,14 @@ def test_moderation_train_tiny_subset_writes_a_loadable_adapter(app, tmp_path):
         ref = torch.sigmoid(mean_pool(hidden, pool) @ head["weight"].T + head["bias"])
     assert torch.allclose(torch.tensor(fast.scores(texts, contexts=cards)), ref, atol=1e-4)
     assert fast.scores(texts[:1], contexts=cards[:1]) != fast.scores(texts[:1])  # the card is read
+    # Recalibrating under another budget rewrites the thresholds, not the weights; another recipe's data is refused.
+    res = runner.invoke(app, ["moderation", "calibrate", str(path), "--adapter", str(adapter_dir),
+                              "calibration.max_fpr.minor_sexual=0.5", "training.num_threads=1"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((adapter_dir / "moderation.json").read_text())
+    assert again["calibration"]["per_head"]["minor_sexual"]["max_fpr"] == 0.5 and again["training"] == meta["training"]
+    res = runner.invoke(app, ["moderation", "calibrate", str(REPO / "recipes" / "moderation.yaml"), "--adapter", str(adapter_dir)])
+    assert res.exit_code == 2 and "trained on other data" in res.stderr
 
 
 def test_moderation_train_reports_recipe_mistakes(app, tmp_path):
