@@ -76,8 +76,10 @@ def with_card(card: str, text: str, role: str) -> str:
 
 
 def card_for(card: str, role: str) -> str:
-    """The card a message is read with: the card so far, except for card text itself (read alone)."""
-    return "" if role in CARD_ROLES else card
+    """The card a message is read with: the card before it. A card message reads the card messages
+    before it too (SillyTavern sends a card as a dozen system messages, its example dialogue among
+    them), so only a conversation's first card message is read alone."""
+    return card
 
 
 def _hash(previous: str, *parts: str) -> str:

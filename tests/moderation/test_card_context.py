@@ -36,12 +36,13 @@ def test_an_adapter_without_a_card_budget_ignores_cards():
         assert adapter.scores(["kiss me"], contexts=[CARD.lower()]) == adapter.scores(["kiss me"])
 
 
-def test_each_message_reads_the_card_before_it_and_cards_read_alone():
+def test_each_message_reads_the_card_before_it():
     messages = [{"role": "system", "content": CARD}, {"role": "user", "content": "hi"},
                 {"role": "system", "content": "Scenario: a storm."},
                 {"role": "assistant", "content": "hello", "name": "Mara"}]
     items, cards = conversation_items(messages)
-    assert [it[4] for it in items] == ["", CARD, "", CARD + "\nScenario: a storm."]
+    # every message reads the card before it; a card message too (SillyTavern's example dialogue is system text)
+    assert [it[4] for it in items] == ["", CARD, CARD, CARD + "\nScenario: a storm."]
     assert items[3][0] == "Mara: hello" and items[3][3] == "Mara"
     assert cards[-1] == CARD + "\nScenario: a storm."
     huge = [{"role": "system", "content": "x" * (CARD_CHARS * 2)}, {"role": "user", "content": "hi"}]
