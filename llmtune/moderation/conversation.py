@@ -69,17 +69,13 @@ def screened_text(message: dict) -> str:
 
 
 def with_card(card: str, text: str, role: str) -> str:
-    """The card after a message: a card-role message adds its text to it."""
+    """The card after a message: a card-role message adds its text to it. Every message is read
+    with the card before it, a card message too (SillyTavern sends a card as a dozen system
+    messages, its example dialogue among them), so only a conversation's first card message is
+    read alone."""
     if role not in CARD_ROLES or not text.strip() or len(card) >= CARD_CHARS:
         return card
     return (f"{card}\n{text}" if card else text)[:CARD_CHARS]
-
-
-def card_for(card: str, role: str) -> str:
-    """The card a message is read with: the card before it. A card message reads the card messages
-    before it too (SillyTavern sends a card as a dozen system messages, its example dialogue among
-    them), so only a conversation's first card message is read alone."""
-    return card
 
 
 def _hash(previous: str, *parts: str) -> str:
@@ -136,7 +132,7 @@ class ConversationState:
                                  self.card)
 
     def add(self, text: str, where: str, role: str, name: str | None = None) -> None:
-        self.add_screened(*self.screener.screen_texts([(text, where, role, name, card_for(self.card, role))])[0])
+        self.add_screened(*self.screener.screen_texts([(text, where, role, name, self.card)])[0])
         self.card = with_card(self.card, text, role)
 
     def add_screened(self, decision: "Decision", facts: TextFacts) -> None:
@@ -255,7 +251,7 @@ def conversation_items(messages: list[dict], start: int = 0, card: str = "") -> 
     items, cards = [], []
     for i, m in enumerate(messages, start):
         text, role = screened_text(m), str(m.get("role", "user"))
-        items.append((text, f"messages[{i}].content", role, m.get("name") or None, card_for(card, role)))
+        items.append((text, f"messages[{i}].content", role, m.get("name") or None, card))
         card = with_card(card, text, role)
         cards.append(card)
     return items, cards

@@ -132,12 +132,14 @@ class Screener:
         resent conversation history costs nothing."""
         results: list[tuple[Decision, TextFacts] | None] = [None] * len(items)
         todo: list[int] = []
+        # an adapter that reads no card gives a text the same verdict beside any card
+        keys = [(role, name, text, card if self.adapter.context_tokens else "") for text, _, role, name, card in items]
         with self._lock:
-            for i, (text, where, role, name, card) in enumerate(items):
-                key = (role, name, text, card if self.adapter.context_tokens else "")
+            for i, key in enumerate(keys):
                 cached = self._text_cache.get(key)
                 if cached is not None:
                     self._text_cache.move_to_end(key)
+                    where = items[i][1]
                     results[i] = (_placed(cached[0], where), _relocate(cached[1], where))
                 else:
                     todo.append(i)
@@ -147,12 +149,12 @@ class Screener:
             scores = dict(zip(scored, self._adapter_scores([items[i][0] for i in scored], batch_size, progress,
                                                            [items[i][4] for i in scored])))
             for i in todo:
-                text, where, role, name, card = items[i]
+                text, where, role, name, _card = items[i]
                 facts = extract_facts(text, where, role, self.rules, name=name)
                 self._signal_facts(facts, scores.get(i, {}), where, role)
                 decision = self._decide(analyses[i], scores.get(i, {}))
                 with self._lock:
-                    self._text_cache[(role, name, text, card if self.adapter.context_tokens else "")] = (decision, facts)
+                    self._text_cache[keys[i]] = (decision, facts)
                     if len(self._text_cache) > TEXT_CACHE_SIZE:
                         self._text_cache.popitem(last=False)
                 results[i] = (_placed(decision, where), _relocate(facts, where))

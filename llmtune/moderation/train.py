@@ -214,7 +214,7 @@ def _conversation_rows(obj: dict, where: str) -> list[Row]:
     messages = obj.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ModerationError(f'{where}: "messages" must be a list of message objects')
-    from llmtune.moderation.conversation import card_for, message_text, with_card
+    from llmtune.moderation.conversation import message_text, with_card
 
     labels = obj.get("labels") or []
     blocked = bool(labels)
@@ -224,7 +224,7 @@ def _conversation_rows(obj: dict, where: str) -> list[Row]:
     for m in messages:
         text, role = message_text(m), str(m.get("role", "user"))
         if text.strip():
-            texts.append((text, card_for(card, role)))
+            texts.append((text, card))
         card = with_card(card, text, role)
     if isinstance(obj.get("output"), str) and obj["output"].strip():
         last = (obj["output"], card)
@@ -280,7 +280,7 @@ def read_tame(path: Path) -> list[Row]:
     from llmtune.data.formats import read_source
     from llmtune.data.types import Conversation
 
-    from llmtune.moderation.conversation import card_for, with_card
+    from llmtune.moderation.conversation import with_card
 
     rows = []
     for item in read_source(path):
@@ -289,7 +289,7 @@ def read_tame(path: Path) -> list[Row]:
             for m in item.messages:
                 if m.content.strip():
                     rows.append(Row(m.content, {**dict.fromkeys(BUILTIN_CATEGORIES, 0.0), "sexual": None, "minor": 0.0,
-                                                "real_person": 0.0}, f"{path}", "tame_roleplay", card_for(card, m.role)))
+                                                "real_person": 0.0}, f"{path}", "tame_roleplay", card))
                 card = with_card(card, m.content, m.role)
     return rows
 
