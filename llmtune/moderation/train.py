@@ -214,7 +214,7 @@ def _conversation_rows(obj: dict, where: str) -> list[Row]:
     messages = obj.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ModerationError(f'{where}: "messages" must be a list of message objects')
-    from llmtune.moderation.conversation import message_text, with_card
+    from llmtune.moderation.conversation import screened_text, with_card
 
     labels = obj.get("labels") or []
     blocked = bool(labels)
@@ -222,7 +222,7 @@ def _conversation_rows(obj: dict, where: str) -> list[Row]:
     texts: list[tuple[str, str]] = []  # (text, card it is read with)
     card = ""
     for m in messages:
-        text, role = message_text(m), str(m.get("role", "user"))
+        text, role = screened_text(m), str(m.get("role", "user"))
         if text.strip():
             texts.append((text, card))
         card = with_card(card, text, role)
