@@ -29,11 +29,10 @@ from llmtune.jsonl import json_objects
 from llmtune.moderation.adapter import (
     CONFIG_NAME, HEAD_NAME, TARGET_MODULES, ModerationAdapter, Tokenizer, batch_tensors, native_bf16,
 )
-from llmtune.moderation.bulk import PREFILTER_NAME, could_block, train_prefilter
+from llmtune.moderation.bulk import PREFILTER_NAME, train_prefilter
 from llmtune.moderation.errors import ModerationError
 from llmtune.moderation.normalize import canonical
 from llmtune.moderation.policy import BUILTIN_CATEGORIES, HARD_FLOOR, SIGNALS
-from llmtune.moderation.rules import RuleSet
 from llmtune.schema import MaxSteps, Output, RecipeFile, load_yaml_model
 from llmtune.schema import Section as _Section
 from llmtune.storage import file_sha256
@@ -423,23 +422,13 @@ def _might_block(scores: list[float], row: Row, thresholds: dict[str, float]) ->
 
 
 def _train_prefilter(adapter, train_rows, train_text, cal_rows, cal_scores, thresholds):
-    """The bulk first stage, trained and calibrated only on texts the cascade could skip: a text
-    in which a rule or a fact could act (`bulk.could_block`) takes the full screen whatever the
-    first stage says, so only the classifier's blocks among the others set its threshold."""
-    rules = RuleSet([])
     console.print("  first stage for bulk screening: scoring the training texts with the classifier ...")
     train_scores = adapter.scores(train_text)
-    plain = [i for i, r in enumerate(train_rows) if not could_block(rules, [r.text])]
-    targets = [_might_block(train_scores[i], train_rows[i], thresholds) for i in plain]
-    cal_plain = [i for i, r in enumerate(cal_rows) if not could_block(rules, [r.text])]
-    cal_targets = [_might_block(cal_scores[i], cal_rows[i], thresholds) for i in cal_plain]
-    prefilter = train_prefilter([train_text[i] for i in plain], targets,
-                                [canonical(cal_rows[i].text) for i in cal_plain], cal_targets)
-    prefilter.meta["calibration_risky"] = len(cal_rows) - len(cal_plain)
-    console.print(f"  first stage ({len(plain):,} of {len(train_rows):,} training texts hold no rule or fact cue): "
-                  f"passes {prefilter.meta['calibration_blocked']} of {prefilter.meta['calibration_blocked']} such "
-                  f"calibration texts the classifier might block, and {prefilter.meta['allowed_passed_share']:.0%} of "
-                  f"the rest ({len(cal_rows) - len(cal_plain):,} calibration texts with a cue take the full screen)")
+    targets = [_might_block(sc, r, thresholds) for sc, r in zip(train_scores, train_rows)]
+    cal_targets = [_might_block(sc, r, thresholds) for sc, r in zip(cal_scores, cal_rows)]
+    prefilter = train_prefilter(train_text, targets, [canonical(r.text) for r in cal_rows], cal_targets)
+    console.print(f"  first stage: passes {prefilter.meta['calibration_blocked']} of {prefilter.meta['calibration_blocked']} "
+                  f"calibration texts the classifier might block, and {prefilter.meta['allowed_passed_share']:.0%} of the rest")
     return prefilter
 
 
