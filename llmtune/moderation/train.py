@@ -214,18 +214,14 @@ def _conversation_rows(obj: dict, where: str) -> list[Row]:
     messages = obj.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ModerationError(f'{where}: "messages" must be a list of message objects')
-    from llmtune.moderation.conversation import screened_text, with_card
+    from llmtune.moderation.conversation import conversation_items
 
     labels = obj.get("labels") or []
     blocked = bool(labels)
     unknown_signals = dict.fromkeys(SIGNALS)
-    texts: list[tuple[str, str]] = []  # (text, card it is read with)
-    card = ""
-    for m in messages:
-        text, role = screened_text(m), str(m.get("role", "user"))
-        if text.strip():
-            texts.append((text, card))
-        card = with_card(card, text, role)
+    items, cards = conversation_items(messages)  # each text with the card it is read with, as screening reads it
+    texts = [(text, text_card) for text, _, _, _, text_card in items if text.strip()]
+    card = cards[-1] if cards else ""
     if isinstance(obj.get("output"), str) and obj["output"].strip():
         last = (obj["output"], card)
     else:
